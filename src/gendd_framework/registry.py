@@ -1,0 +1,213 @@
+"""Name -> component registries: the public vocabulary of YAML configs.
+
+One `Registry` class, one instance per kind. A registered thing is a class or a factory function; its
+keyword arguments are its config, so a YAML node `{name: kd, temperature: 4}` builds
+`METHODS.get("kd")(temperature=4, **runtime_objects)`. Keyword arguments are checked against the
+callable's signature *before* the call, so a typo fails with the accepted names, not deep inside torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import inspect
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gendd_framework.errors import ConfigError
+
+PrefixResolver = Callable[[str], Callable[..., Any]]
+
+
+class Registry:
+    """A named catalogue of factories of one kind (models, losses, methods, ...)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+        self._aliases: dict[str, str] = {}
+        self._prefixes: dict[str, tuple[PrefixResolver, str]] = {}
+
+    # -- registration -------------------------------------------------------------------------
+    def register(
+        self, name: str | None = None, *, aliases: Iterable[str] = (), force: bool = False
+    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator: `@MODELS.register("resnet20", aliases=["res20"])`; the name defaults to `__name__`."""
+
+        def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
+            self.add(name or obj.__name__, obj, aliases=aliases, force=force)
+            return obj
+
+        return decorator
+
+    def add(
+        self, name: str, obj: Callable[..., Any], *, aliases: Iterable[str] = (), force: bool = False
+    ) -> None:
+        """Register `obj` under `name` (and `aliases`); re-registering a taken name needs `force=True`."""
+        for key in (name, *aliases):
+            taken = key in self._entries or key in self._aliases
+            if taken and not force and self._resolve_alias(key) is not None:
+                existing = self._entries[self._resolve_alias(key)]
+                if existing is not obj:
+                    raise ConfigError(
+                        f"{self.kind} '{key}' is already registered (by {_describe(existing)}); "
+                        "pass force=True to replace it"
+                    )
+        self._entries[name] = obj
+        self._aliases.pop(name, None)
+        for alias in aliases:
+            self._aliases[alias] = name
+
+    def add_prefix(self, prefix: str, resolver: PrefixResolver, doc: str = "") -> None:
+        """Route every name `prefix:<rest>` to `resolver(rest)` (e.g. `tv:resnet18`, `timm:vit_tiny`)."""
+        self._prefixes[prefix] = (resolver, doc)
+
+    # -- lookup -------------------------------------------------------------------------------
+    def _resolve_alias(self, name: str) -> str | None:
+        if name in self._entries:
+            return name
+        return self._aliases.get(name)
+
+    def __contains__(self, name: str) -> bool:
+        return self._resolve_alias(name) is not None
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """The factory registered as `name`; unknown names raise with the closest registered names."""
+        if not isinstance(name, str):
+            raise ConfigError(f"{self.kind} name must be a string, got {type(name).__name__}: {name!r}")
+        key = self._resolve_alias(name)
+        if key is not None:
+            return self._entries[key]
+        if ":" in name:
+            prefix, rest = name.split(":", 1)
+            if prefix in self._prefixes:
+                return self._prefixes[prefix][0](rest)
+        raise ConfigError(self._unknown_message(name))
+
+    def _unknown_message(self, name: str) -> str:
+        candidates = list(self._entries) + list(self._aliases)
+        close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.5)
+        if not close:
+            close = [c for c in candidates if name.lower() in c.lower()][:5]
+        msg = f"unknown {self.kind} '{name}'."
+        if close:
+            msg += " Did you mean: " + ", ".join(repr(c) for c in close) + "?"
+        prefixes = ", ".join(f"'{p}:<name>'" for p in self._prefixes)
+        msg += f" Run `gendd-list {self.kind}` to see all {len(self._entries)} registered names"
+        return msg + (f" (prefixed names: {prefixes})." if prefixes else ".")
+
+    def names(self, pattern: str = "*", *, include_aliases: bool = False) -> list[str]:
+        """Registered names matching a shell wildcard (`resnet*`), sorted."""
+        pool = list(self._entries) + (list(self._aliases) if include_aliases else [])
+        return sorted(n for n in pool if fnmatch.fnmatchcase(n, pattern))
+
+    def aliases_of(self, name: str) -> list[str]:
+        return sorted(a for a, target in self._aliases.items() if target == name)
+
+    def prefixes(self) -> dict[str, str]:
+        return {p: doc for p, (_, doc) in self._prefixes.items()}
+
+    # -- building -----------------------------------------------------------------------------
+    def build(self, spec: Mapping[str, Any] | DictConfig | str, **runtime: Any) -> Any:
+        """Build from `{name: ..., **kwargs}` (or a bare name); `runtime` adds live objects (params, ...).
+
+        Config kwargs are checked against the factory's signature; runtime kwargs win over config ones
+        only where the config does not set them, so a YAML value is never silently ignored.
+        """
+        name, kwargs = split_spec(spec, self.kind)
+        factory = self.get(name)
+        merged = {**runtime, **kwargs}
+        check_kwargs(factory, merged, f"{self.kind} '{name}'", config_keys=set(kwargs))
+        return factory(**merged)
+
+
+def split_spec(spec: Mapping[str, Any] | DictConfig | str, kind: str) -> tuple[str, dict[str, Any]]:
+    """`{name: x, a: 1}` -> ("x", {"a": 1}); plain containers out, so factories never see DictConfig."""
+    if isinstance(spec, str):
+        return spec, {}
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)  # type: ignore[assignment]
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"a {kind} config needs a 'name' key, got {spec!r}")
+    kwargs = {k: v for k, v in spec.items() if k != "name"}
+    return str(spec["name"]), kwargs
+
+
+def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: str, config_keys=None) -> None:
+    """Raise `ConfigError` naming the accepted arguments when `kwargs` does not fit `factory`."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
+        raise ConfigError(
+            f"{what} got unknown argument(s) {', '.join(hints)}; it accepts: {', '.join(accepted) or 'nothing'}"
+        )
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and n not in kwargs
+    ]
+    if missing:
+        raise ConfigError(f"{what} is missing required argument(s): {', '.join(missing)}")
+
+
+def _describe(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def one_line_doc(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def signature_text(obj: Any) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return "(...)"
+
+
+MODELS = Registry("model")
+DATASETS = Registry("dataset")
+TRANSFORMS = Registry("transform")
+TOKENIZERS = Registry("tokenizer")
+HEADS = Registry("head")
+OBJECTIVES = Registry("objective")
+SAMPLERS = Registry("sampler")
+LOSSES = Registry("loss")
+METHODS = Registry("method")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+LOGGERS = Registry("logger")
+
+ALL: dict[str, Registry] = {
+    r.kind: r
+    for r in (
+        MODELS,
+        DATASETS,
+        TRANSFORMS,
+        TOKENIZERS,
+        HEADS,
+        OBJECTIVES,
+        SAMPLERS,
+        LOSSES,
+        METHODS,
+        OPTIMIZERS,
+        SCHEDULERS,
+        LOGGERS,
+    )
+}
