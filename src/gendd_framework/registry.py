@@ -193,6 +193,7 @@ METHODS = Registry("method")
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 LOGGERS = Registry("logger")
+STAGES = Registry("stage")
 
 ALL: dict[str, Registry] = {
     r.kind: r
@@ -209,5 +210,6 @@ ALL: dict[str, Registry] = {
         OPTIMIZERS,
         SCHEDULERS,
         LOGGERS,
+        STAGES,
     )
 }

@@ -1,0 +1,5 @@
+"""Import every built-in module that registers components, so all names are known."""
+
+from gendd_framework import data, methods, models  # noqa: F401
+from gendd_framework.engine import loggers, optim  # noqa: F401
+from gendd_framework import stages  # noqa: F401,E402

@@ -1,0 +1,177 @@
+"""CIFAR ResNets: the 3-stage basic-block family (resnet8 ... resnet110, x4 variants) and ResNet-50.
+
+Shapes follow the CIFAR distillation literature (He et al. 2016, section 4.2; CRD/RepDistiller), so
+teacher/student pairs such as resnet32x4 -> resnet8x4 have the usual sizes: a 3x3 stem without
+max-pool, projection (1x1 conv + BN) shortcuts wherever the shape changes, global average pooling and
+one linear classifier `fc` on the pooled feature.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gendd_framework.registry import MODELS
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    """Bias-free conv + BN (the bias would be cancelled by BN's shift anyway)."""
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout)]
+
+
+def _projection(cin: int, cout: int, stride: int) -> nn.Module:
+    """Identity when shapes agree, otherwise a 1x1 conv + BN so the residual sum is well-typed."""
+    if stride == 1 and cin == cout:
+        return nn.Identity()
+    return nn.Sequential(*_conv_bn(cin, cout, 1, stride))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (post-activation, as in the original ResNet)."""
+
+    expansion = 1
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *_conv_bn(cin, planes, 3, stride), nn.ReLU(inplace=True), *_conv_bn(planes, planes, 3)
+        )
+        self.shortcut = _projection(cin, planes, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce -> 3x3 (carries the stride) -> 1x1 expand by 4, for the deep ResNet-50."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        cout = planes * self.expansion
+        self.body = nn.Sequential(
+            *_conv_bn(cin, planes, 1),
+            nn.ReLU(inplace=True),
+            *_conv_bn(planes, planes, 3, stride),
+            nn.ReLU(inplace=True),
+            *_conv_bn(planes, cout, 1),
+        )
+        self.shortcut = _projection(cin, cout, stride)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """Stem conv, then one stage per width (first stage stride 1, later ones stride 2), pool, `fc`."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        stem: int,
+        widths: list[int],
+        blocks: list[int],
+        num_classes: int = 100,
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_conv_bn(3, stem, 3), nn.ReLU(inplace=True))
+        layers: list[nn.Module] = []
+        cin = stem
+        for i, (width, n) in enumerate(zip(widths, blocks)):
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(block(cin, width, stride))
+                cin = width * block.expansion
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feature_dim = cin
+        self.fc = nn.Linear(cin, num_classes)
+        _init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+
+def _init_weights(model: nn.Module) -> None:
+    """Kaiming-normal convs (fan-out, ReLU) and unit-scale BN: the usual ResNet recipe."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _basic(depth: int, stem: int, widths: list[int], num_classes: int) -> CifarResNet:
+    """A depth-`depth` basic-block net: (depth - 2) / 6 blocks in each of the three stages."""
+    if (depth - 2) % 6:
+        raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    n = (depth - 2) // 6
+    return CifarResNet(BasicBlock, stem, widths, [n, n, n], num_classes)
+
+
+_THIN = [16, 32, 64]
+_WIDE = [64, 128, 256]
+
+
+@MODELS.register("resnet8")
+def resnet8(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-8 (16/32/64 channels, 1 block per stage)."""
+    return _basic(8, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet14")
+def resnet14(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-14 (16/32/64 channels, 2 blocks per stage)."""
+    return _basic(14, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet20")
+def resnet20(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-20 (16/32/64 channels, 3 blocks per stage)."""
+    return _basic(20, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet32")
+def resnet32(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-32 (16/32/64 channels, 5 blocks per stage)."""
+    return _basic(32, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet44")
+def resnet44(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-44 (16/32/64 channels, 7 blocks per stage)."""
+    return _basic(44, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet56")
+def resnet56(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-56 (16/32/64 channels, 9 blocks per stage)."""
+    return _basic(56, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet110")
+def resnet110(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-110 (16/32/64 channels, 18 blocks per stage)."""
+    return _basic(110, 16, _THIN, num_classes)
+
+
+@MODELS.register("resnet8x4")
+def resnet8x4(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-8 at 4x width (32-ch stem, 64/128/256 stages): the classic small student."""
+    return _basic(8, 32, _WIDE, num_classes)
+
+
+@MODELS.register("resnet32x4")
+def resnet32x4(num_classes: int = 100) -> CifarResNet:
+    """CIFAR ResNet-32 at 4x width (32-ch stem, 64/128/256 stages): the classic strong teacher."""
+    return _basic(32, 32, _WIDE, num_classes)
+
+
+@MODELS.register("resnet50_cifar", aliases=["ResNet50"])
+def resnet50_cifar(num_classes: int = 100) -> CifarResNet:
+    """ResNet-50 for 32x32 inputs: 3x3 stem (64 ch, no max-pool), bottleneck stages [3, 4, 6, 3]."""
+    return CifarResNet(Bottleneck, 64, [64, 128, 256, 512], [3, 4, 6, 3], num_classes)

@@ -1,0 +1,174 @@
+"""Config -> stages -> run directory.
+
+`run(cfg, run_dir)` validates the config, imports plugins, builds data, then runs the configured stages
+in order (each a registered function such as `teacher` or `distill`). Every stage returns a record that
+goes into `summary.json`; metrics stream to `metrics.jsonl` and checkpoints to `checkpoints/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from gendd_framework import config as config_lib
+from gendd_framework.data.base import DataSplits
+from gendd_framework.engine.checkpoint import atomic_save, seed_everything
+from gendd_framework.engine.checkpoint import load as load_checkpoint
+from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
+from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate
+from gendd_framework.errors import ConfigError
+from gendd_framework.plugins import load_plugins
+from gendd_framework.registry import DATASETS, LOGGERS, OPTIMIZERS, SCHEDULERS, split_spec
+
+LOADER_DEFAULTS = {"batch_size": 64, "eval_batch_size": 256, "num_workers": 0, "pin_memory": None}
+
+
+@dataclass
+class RunContext:
+    """What stages share: the config, data, device, logger, and models produced by earlier stages."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    data: DataSplits
+    loader_cfg: dict[str, Any]
+    logger: MetricLogger
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def loader(self, split: str, *, shuffle_seed: int | None = None) -> tuple[DataLoader, torch.Generator | None]:
+        dataset = getattr(self.data, split)
+        train = split == "train"
+        generator = torch.Generator() if train else None
+        if generator is not None and shuffle_seed is not None:
+            generator.manual_seed(shuffle_seed)
+        pin = self.loader_cfg["pin_memory"]
+        loader = DataLoader(
+            dataset,
+            batch_size=self.loader_cfg["batch_size" if train else "eval_batch_size"],
+            shuffle=train,
+            drop_last=train and len(dataset) > self.loader_cfg["batch_size"],
+            num_workers=self.loader_cfg["num_workers"],
+            pin_memory=self.device.type == "cuda" if pin is None else pin,
+            persistent_workers=self.loader_cfg["num_workers"] > 0,
+            generator=generator,
+        )
+        return loader, generator
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
+    return device
+
+
+def build_data(node: DictConfig) -> tuple[DataSplits, dict[str, Any]]:
+    name, kwargs = split_spec(node, "dataset")
+    loader_cfg = {**LOADER_DEFAULTS, **(kwargs.pop("loader", None) or {})}
+    unknown = set(loader_cfg) - set(LOADER_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown data.loader key(s) {sorted(unknown)}; allowed: {sorted(LOADER_DEFAULTS)}")
+    return DATASETS.build({"name": name, **kwargs}), loader_cfg
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> LoggerGroup:
+    specs = (cfg.get("logger") or {}).get("backends") or [{"name": "jsonl"}]
+    loggers: list[MetricLogger] = []
+    for spec in specs:
+        name, kwargs = split_spec(spec, "logger")
+        if name == "wandb" and kwargs.get("config") is None:
+            kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
+        loggers.append(LOGGERS.build({"name": name, **kwargs}, run_dir=str(run_dir)))
+    if not any(isinstance(lg, JsonlLogger) for lg in loggers):
+        loggers.insert(0, JsonlLogger(str(run_dir)))
+    group = LoggerGroup(loggers)
+    group.jsonl_path = next(lg.path for lg in loggers if isinstance(lg, JsonlLogger))
+    return group
+
+
+def fit_method(
+    ctx: RunContext,
+    method,
+    stage: str,
+    *,
+    optim: DictConfig | dict,
+    sched: DictConfig | dict,
+    trainer: TrainerConfig,
+    seed: int,
+    step_callbacks: list | None = None,
+) -> dict[str, Any]:
+    """Train `method` on train, select on val, then report test for the best-on-val and last weights."""
+    method.to(ctx.device)
+    train_loader, generator = ctx.loader("train", shuffle_seed=seed)
+    val_loader, _ = ctx.loader("val")
+    test_loader, _ = ctx.loader("test")
+    opt_name, opt_kwargs = split_spec(optim, "optimizer")
+    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
+    optimizer = OPTIMIZERS.build({"name": opt_name, **opt_kwargs}, params=groups)
+    scheduler = SCHEDULERS.build(sched, optimizer=optimizer, steps_per_epoch=len(train_loader),
+                                 epochs=trainer.epochs)
+    loop = Trainer(method, optimizer, scheduler, train_loader, val_loader, config=trainer, device=ctx.device,
+                   ckpt_dir=ctx.ckpt_dir, stage=stage, logger=ctx.logger, shuffle_seed=seed,
+                   shuffle_generator=generator, step_callbacks=step_callbacks)
+    best = loop.fit()
+    test_last = evaluate(method, test_loader, ctx.device, trainer.precision)
+    if loop.path("best").exists():
+        method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
+    test = evaluate(method, test_loader, ctx.device, trainer.precision)
+    record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
+    ctx.logger.log({"stage": stage, "epoch": trainer.epochs, "step": loop.step,
+                    **{f"test/{k}": v for k, v in test.items()}})
+    return record
+
+
+def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """Run every configured stage; returns (and writes) the summary."""
+    config_lib.validate(cfg)
+    load_plugins(cfg.get("plugins") or [])
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(int(cfg.seed))
+    data, loader_cfg = build_data(cfg.data)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=resolve_device(cfg.trainer.get("device", "auto")),
+                     data=data, loader_cfg=loader_cfg, logger=build_logger(cfg, run_dir))
+    from gendd_framework.registry import STAGES
+
+    try:
+        for spec in cfg.stages:
+            name, kwargs = split_spec(spec, "stage")
+            seed_everything(int(cfg.seed))  # each stage starts from the same RNG state, cached teacher or not
+            ctx.results[name] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
+    finally:
+        ctx.logger.close()
+    summary = {
+        "name": cfg.get("name"),
+        "seed": int(cfg.seed),
+        "method": cfg.method.name,
+        "device": str(ctx.device),
+        "run_dir": str(run_dir),
+        "elapsed_s": round(time.perf_counter() - started, 2),
+        **ctx.results,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if "student" in ctx.models:
+        atomic_save(ctx.models["student"].state_dict(), run_dir / "student.pt")
+    from gendd_framework.plots import plot_metrics
+
+    plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
+    return summary
