@@ -13,7 +13,7 @@ from gendd_framework.registry import DATASETS, TRANSFORMS
 class RandomShift(nn.Module):
     """Translate an image by up to `max_shift` pixels (zero fill) and add Gaussian pixel noise."""
 
-    def __init__(self, max_shift: int = 1, noise_std: float = 0.0, generator: torch.Generator | None = None):
+    def __init__(self, max_shift: int = 0, noise_std: float = 0.0, generator: torch.Generator | None = None):
         super().__init__()
         self.max_shift, self.noise_std, self.generator = max_shift, noise_std, generator
 
@@ -41,8 +41,8 @@ def digits(
     train_fraction: float = 1.0,
     split_seed: int = 0,
     augment: bool = True,
-    max_shift: int = 1,
-    noise_std: float = 0.05,
+    max_shift: int = 0,
+    noise_std: float = 0.1,
 ) -> DataSplits:
     """Digits as (1, 8, 8) images, standardised with training statistics; stratified fixed-seed splits.
 

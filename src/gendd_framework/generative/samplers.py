@@ -1,0 +1,199 @@
+"""Reverse-process samplers (ancestral DDPM and DDIM) with classifier-free guidance.
+
+Model-call contract (shared with `GaussianDiffusion.training_losses`):
+
+    model_fn(x, t)                -> output               # the conditional model
+    model_fn(x, t, guided=True)   -> (output_c, output_u) # conditional and unconditional outputs
+
+`x` has the sample shape (…, k) given to `sample`; `t` holds ORIGINAL training indices and has shape
+(1, …, 1) (it broadcasts against x.shape[:-1]), so a model embeds the timestep once per step. With
+`guided=True` the model evaluates the SAME x under its condition and under the null condition, in one
+batch if it likes (`MLPAdaLNHead.make_model_fn` does: [z ; null] share the input projection). The
+sampler then combines ε = ε_u + s·(ε_c − ε_u) on the first k channels and keeps the variance channels
+of the conditional output (spec B.2). Because only one x is ever carried, the cond and uncond branches
+always see the same x_t: the initial noise (and every later state) is shared between them.
+With guidance_scale == 1 the unconditional branch is never evaluated.
+
+All randomness is drawn from the passed `torch.Generator`, which must live on the sampling device.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+
+from gendd_framework.errors import ConfigError
+from gendd_framework.generative.diffusion import GaussianDiffusion, ModelFn, check_generator, as_working
+from gendd_framework.registry import SAMPLERS
+
+
+def guided_model_output(
+    model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, guidance_scale: float = 1.0
+) -> torch.Tensor:
+    """Model output for x under classifier-free guidance (scale 1: a single conditional call).
+
+    Only the first k = x.shape[-1] channels (the ε/x0 prediction) are guided; any further channels
+    (learned variance) are taken from the conditional output.
+    """
+    if guidance_scale == 1.0:
+        return model_fn(x, t)
+    out_c, out_u = model_fn(x, t, guided=True)
+    k = x.shape[-1]
+    guided = out_u[..., :k] + guidance_scale * (out_c[..., :k] - out_u[..., :k])
+    return torch.cat([guided, out_c[..., k:]], dim=-1)
+
+
+class _Sampler:
+    """Shared plumbing: respacing cache, device/dtype/generator resolution, initial noise."""
+
+    steps: int | str
+
+    def __init__(self) -> None:
+        self._respaced: tuple[GaussianDiffusion, int | str, GaussianDiffusion] | None = None
+
+    def respaced(self, diffusion: GaussianDiffusion) -> GaussianDiffusion:
+        """The diffusion respaced to `self.steps` (cached per diffusion object)."""
+        cached = self._respaced
+        if cached is None or cached[0] is not diffusion or cached[1] != self.steps:
+            cached = (diffusion, self.steps, diffusion.respace(self.steps))
+            self._respaced = cached
+        return cached[2]
+
+    @staticmethod
+    def _start(
+        shape: Sequence[int],
+        generator: torch.Generator | None,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        noise: torch.Tensor | None,
+        model_fn: ModelFn,
+        guidance_scale: float,
+    ) -> tuple[torch.Tensor, torch.dtype]:
+        """(x_T in working precision (>= float32), dtype of the returned sample)."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 1:
+            raise ConfigError("sample shape needs at least a channel dimension (…, k)")
+        if guidance_scale != 1.0 and not _accepts_guided(model_fn):
+            raise ConfigError(
+                f"guidance_scale={guidance_scale} needs a model_fn accepting guided=True and returning "
+                "(cond_output, uncond_output), e.g. MLPAdaLNHead.make_model_fn(cond)"
+            )
+        if noise is not None:
+            if tuple(noise.shape) != shape:
+                raise ConfigError(f"initial noise has shape {tuple(noise.shape)}, expected {shape}")
+            return as_working(noise), noise.dtype
+        if device is None:
+            device = generator.device if generator is not None else torch.device("cpu")
+        device = torch.device(device)
+        check_generator(generator, device)
+        out_dtype = dtype or torch.float32
+        x = torch.randn(shape, generator=generator, device=device, dtype=_working_dtype(out_dtype))
+        return x, out_dtype
+
+    @staticmethod
+    def _timestep(i: int, x: torch.Tensor) -> torch.Tensor:
+        """Chain index i as a (1, …, 1) tensor that broadcasts against x.shape[:-1]."""
+        return torch.full((1,) * (x.dim() - 1), i, dtype=torch.long, device=x.device)
+
+
+@SAMPLERS.register("ddpm")
+class DDPMSampler(_Sampler):
+    """Ancestral DDPM sampling on a respaced chain with learned variance (GenDD's sampler, spec B.3).
+
+    `temperature` multiplies the injected noise (not the initial noise); no noise is added at the last
+    step; the x0 prediction is not clipped.
+    """
+
+    def __init__(self, steps: int | str = 100, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature < 0:
+            raise ConfigError(f"temperature must be >= 0, got {temperature}")
+        self.steps = steps
+        self.temperature = float(temperature)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        diffusion: GaussianDiffusion,
+        model_fn: ModelFn,
+        shape: Sequence[int],
+        *,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
+        chain = self.respaced(diffusion)
+        x, out_dtype = self._start(shape, generator, device, dtype, noise, model_fn, guidance_scale)
+        for i in reversed(range(chain.num_timesteps)):
+            t = self._timestep(i, x)
+            output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
+            step = chain.p_mean_variance(output, x, t)
+            if i > 0:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = step["mean"] + torch.exp(0.5 * step["log_variance"]) * (self.temperature * eps)
+            else:
+                x = step["mean"]
+        return x.to(out_dtype)
+
+
+@SAMPLERS.register("ddim")
+class DDIMSampler(_Sampler):
+    """DDIM sampling on a respaced chain; eta=0 is deterministic given the initial noise.
+
+    x_{prev} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z with σ = η·√((1−ᾱ_prev)/(1−ᾱ))·√(1−ᾱ/ᾱ_prev).
+    Learned variance channels are ignored.
+    """
+
+    def __init__(self, steps: int | str = 50, eta: float = 0.0) -> None:
+        super().__init__()
+        if eta < 0:
+            raise ConfigError(f"eta must be >= 0, got {eta}")
+        self.steps = steps
+        self.eta = float(eta)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        diffusion: GaussianDiffusion,
+        model_fn: ModelFn,
+        shape: Sequence[int],
+        *,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
+        chain = self.respaced(diffusion)
+        x, out_dtype = self._start(shape, generator, device, dtype, noise, model_fn, guidance_scale)
+        for i in reversed(range(chain.num_timesteps)):
+            t = self._timestep(i, x)
+            output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
+            step = chain.p_mean_variance(output, x, t)
+            ac = chain.coef("alphas_cumprod", t, step["eps"])
+            ac_prev = chain.coef("alphas_cumprod_prev", t, step["eps"])
+            sigma = self.eta * torch.sqrt((1.0 - ac_prev) / (1.0 - ac)) * torch.sqrt(1.0 - ac / ac_prev)
+            mean = step["pred_xstart"] * torch.sqrt(ac_prev) + torch.sqrt(1.0 - ac_prev - sigma**2) * step["eps"]
+            if i > 0 and self.eta > 0:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                mean = mean + sigma * eps
+            x = mean
+        return x.to(out_dtype)
+
+
+def _accepts_guided(model_fn: ModelFn) -> bool:
+    try:
+        params = inspect.signature(model_fn).parameters
+    except (TypeError, ValueError):
+        return True  # cannot tell; let the call decide
+    return "guided" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _working_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
