@@ -30,8 +30,14 @@ class LogitMSE(LossTerm):
 class Mimic(Method):
     """CE + weight·logit_mse, with the mimic weight ramped linearly over the first `ramp_steps` steps."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, num_classes: int = 0,
-                 weight: float = 1.0, ramp_steps: int = 100) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        num_classes: int = 0,
+        weight: float = 1.0,
+        ramp_steps: int = 100,
+    ) -> None:
         super().__init__(student, teacher, taps=("logits",))
         self.mimic = LogitMSE()
         self.weight, self.ramp_steps = weight, ramp_steps

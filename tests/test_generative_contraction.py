@@ -88,8 +88,12 @@ def test_distribution_contraction_gradient_identity():
     t = torch.tensor([3, 50, 200, 500, 800, 990])
     noise = torch.randn(B, D, dtype=torch.float64)
     # toy model: student projection S (z = h S) and a linear denoiser ε̂ = x_t A + z C + (t/1000) b
-    params = [torch.randn(Dz, Dz, dtype=torch.float64) * 0.3, torch.randn(D, D, dtype=torch.float64) * 0.3,
-              torch.randn(Dz, D, dtype=torch.float64) * 0.3, torch.randn(D, dtype=torch.float64)]
+    params = [
+        torch.randn(Dz, Dz, dtype=torch.float64) * 0.3,
+        torch.randn(D, D, dtype=torch.float64) * 0.3,
+        torch.randn(Dz, D, dtype=torch.float64) * 0.3,
+        torch.randn(D, dtype=torch.float64),
+    ]
 
     def denoiser(ps, x_t, t_model):
         S, A, Cm, b = ps
@@ -143,7 +147,9 @@ def test_mixup_beta_zero_is_identity_and_seeded_mixup_is_reproducible():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     m, perm = sample_mixup(8, 1.0, torch.Generator().manual_seed(5))
     assert sorted(perm.tolist()) == list(range(8)) and 0.0 <= m <= 1.0
-    assert torch.allclose(a[0], m * z + (1 - m) * z[perm]) and torch.allclose(a[1], m * x0 + (1 - m) * x0[perm])
+    assert torch.allclose(a[0], m * z + (1 - m) * z[perm]) and torch.allclose(
+        a[1], m * x0 + (1 - m) * x0[perm]
+    )
     with pytest.raises(ConfigError):
         feature_mixup(z, x0, -1.0)
 

@@ -21,6 +21,7 @@ def _one_thread():
     yield
     torch.set_num_threads(previous)
 
+
 T = 1000
 
 
@@ -35,7 +36,9 @@ def np_schedule(T: int = T):
 def np_posterior(t: int, x0: np.ndarray, xt: np.ndarray):
     betas, ac, acp = np_schedule()
     var = betas[t] * (1 - acp[t]) / (1 - ac[t])
-    mean = (math.sqrt(acp[t]) * betas[t] / (1 - ac[t])) * x0 + (math.sqrt(1 - betas[t]) * (1 - acp[t]) / (1 - ac[t])) * xt
+    mean = (math.sqrt(acp[t]) * betas[t] / (1 - ac[t])) * x0 + (
+        math.sqrt(1 - betas[t]) * (1 - acp[t]) / (1 - ac[t])
+    ) * xt
     return mean, var
 
 
@@ -63,7 +66,12 @@ def test_q_sample_and_q_mean_variance_closed_form():
     mean, var, logvar = d.q_mean_variance(x0, t)
     for idx in np.ndindex(4, 3):
         a = ac[t[idx].item()]
-        np.testing.assert_allclose(xt[idx].numpy(), math.sqrt(a) * x0[idx].numpy() + math.sqrt(1 - a) * noise[idx].numpy(), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(
+            xt[idx].numpy(),
+            math.sqrt(a) * x0[idx].numpy() + math.sqrt(1 - a) * noise[idx].numpy(),
+            rtol=1e-12,
+            atol=1e-14,
+        )
         np.testing.assert_allclose(mean[idx].numpy(), math.sqrt(a) * x0[idx].numpy(), rtol=1e-12)
         np.testing.assert_allclose(var[idx].numpy(), 1 - a, rtol=1e-12)
         np.testing.assert_allclose(logvar[idx].numpy(), math.log(1 - a), rtol=1e-12)
@@ -83,7 +91,9 @@ def test_posterior_mean_variance_closed_form():
     # β̃_0 = 0, so the clipped log-variance uses β̃_1 at t = 0
     _, v1 = np_posterior(1, x0[0].numpy(), xt[0].numpy())
     np.testing.assert_allclose(logvar[0].numpy(), math.log(v1), rtol=1e-12)
-    np.testing.assert_allclose(logvar[3].numpy(), math.log(np_posterior(400, x0[0].numpy(), xt[0].numpy())[1]), rtol=1e-12)
+    np.testing.assert_allclose(
+        logvar[3].numpy(), math.log(np_posterior(400, x0[0].numpy(), xt[0].numpy())[1]), rtol=1e-12
+    )
 
 
 def test_p_mean_variance_learned_range_and_fixed():
@@ -110,7 +120,9 @@ def test_p_mean_variance_learned_range_and_fixed():
     large = GaussianDiffusion(learn_sigma=False).p_mean_variance(out[:, :k], xt, t)
     small = GaussianDiffusion(learn_sigma=False, fixed_variance="small").p_mean_variance(out[:, :k], xt, t)
     b1 = np_posterior(1, 0.0, 0.0)[1]
-    np.testing.assert_allclose(large["variance"][:, 0].numpy(), [b1, betas[5], betas[600], betas[999]], rtol=1e-10)
+    np.testing.assert_allclose(
+        large["variance"][:, 0].numpy(), [b1, betas[5], betas[600], betas[999]], rtol=1e-10
+    )
     expected_small = [b1] + [np_posterior(s, 0.0, 0.0)[1] for s in (5, 600, 999)]
     np.testing.assert_allclose(small["variance"][:, 0].numpy(), expected_small, rtol=1e-10)
     np.testing.assert_allclose(large["mean"].numpy(), p["mean"].numpy(), rtol=1e-12)

@@ -46,7 +46,9 @@ def test_zero_init_outputs_exact_zeros_and_shapes(n):
     out = head(x, t, z)
     assert out.shape == (3, 5, n, 2 * k)
     assert torch.equal(out, torch.zeros_like(out))
-    small = MLPAdaLNHead(token_dim=k, cond_dim=cond_dim, num_positions=n, width=32, depth=1, learn_sigma=False)
+    small = MLPAdaLNHead(
+        token_dim=k, cond_dim=cond_dim, num_positions=n, width=32, depth=1, learn_sigma=False
+    )
     assert _randomise(small)(x[0], t[0], z).shape == (5, n, k)  # no replica dim is fine too
 
 
@@ -54,18 +56,22 @@ def test_init_statistics_and_official_parameter_count():
     head = MLPAdaLNHead(token_dim=64, cond_dim=512, num_positions=8)  # ResNet-34 -> ResNet-18 head
     W = 1024
     expected = (
-        (256 * W + W) + (W * W + W)  # timestep MLP
+        (256 * W + W)
+        + (W * W + W)  # timestep MLP
         + (512 * W + W)  # cond_embed
         + 8 * W  # pos_embed
         + (64 * W + W)  # input_proj
         + 3 * (2 * W + 2 * (W * W + W) + (W * 3 * W + 3 * W))  # ResBlocks: LN affine, MLP, adaLN
-        + (W * 2 * W + 2 * W) + (W * 128 + 128)  # final adaLN + linear
+        + (W * 2 * W + 2 * W)
+        + (W * 128 + 128)  # final adaLN + linear
     )
     assert sum(p.numel() for p in head.parameters()) == expected == 19_893_376  # spec B.2: 19.89 M
     assert abs(head.time_embed.mlp[0].weight.std().item() - 0.02) < 0.002
     assert abs(head.pos_embed.weight.std().item() - 1.0) < 0.05
     bound = math.sqrt(6 / (512 + W))  # Xavier-uniform bound of cond_embed
-    assert head.cond_embed.weight.abs().max().item() <= bound and head.cond_embed.weight.std().item() > bound / 3
+    assert (
+        head.cond_embed.weight.abs().max().item() <= bound and head.cond_embed.weight.std().item() > bound / 3
+    )
     assert torch.all(head.cond_embed.bias == 0)
     for layer in [b.modulation[-1] for b in head.blocks] + [head.final.modulation[-1], head.final.linear]:
         assert torch.all(layer.weight == 0) and torch.all(layer.bias == 0)
@@ -144,7 +150,9 @@ def test_guided_model_fn_returns_cond_and_null_outputs():
 def test_gradient_checkpointing_matches():
     k, n, cond_dim = 4, 2, 6
     a = _randomise(MLPAdaLNHead(token_dim=k, cond_dim=cond_dim, num_positions=n, width=32, depth=2))
-    b = MLPAdaLNHead(token_dim=k, cond_dim=cond_dim, num_positions=n, width=32, depth=2, grad_checkpointing=True)
+    b = MLPAdaLNHead(
+        token_dim=k, cond_dim=cond_dim, num_positions=n, width=32, depth=2, grad_checkpointing=True
+    )
     b.load_state_dict(a.state_dict())
     x, t, z = _inputs(2, 3, n, k, cond_dim)
     a(x, t, z).square().sum().backward()
@@ -154,7 +162,9 @@ def test_gradient_checkpointing_matches():
 
 
 def test_registry_and_shape_errors():
-    head = HEADS.build({"name": "mlp_adaln", "width": 16, "depth": 1}, token_dim=4, cond_dim=3, num_positions=2)
+    head = HEADS.build(
+        {"name": "mlp_adaln", "width": 16, "depth": 1}, token_dim=4, cond_dim=3, num_positions=2
+    )
     assert isinstance(head, MLPAdaLNHead)
     with pytest.raises(ConfigError, match="n=2"):
         head(torch.zeros(1, 5, 3, 4), torch.zeros(1, 5, 3, dtype=torch.long), torch.zeros(5, 3))

@@ -29,6 +29,7 @@ def _one_thread():
     yield
     torch.set_num_threads(previous)
 
+
 MU = torch.tensor([1.5, -0.5, 0.2, 3.0], dtype=torch.float64)
 SIGMA = torch.tensor([0.5, 1.0, 2.0, 0.1], dtype=torch.float64)
 
@@ -78,7 +79,9 @@ def test_ddpm_with_exact_model_recovers_gaussian_mean_and_variance():
     N, steps = 20000, 50
     d = GaussianDiffusion()
     g = torch.Generator().manual_seed(0)
-    x = DDPMSampler(steps=steps).sample(d, gaussian_oracle(steps, True), (N, 4), generator=g, dtype=torch.float64)
+    x = DDPMSampler(steps=steps).sample(
+        d, gaussian_oracle(steps, True), (N, 4), generator=g, dtype=torch.float64
+    )
     # tolerance: 5 standard errors of the mean, and 5% on the variance (its standard error is √(2/N) ≈ 1%)
     assert torch.all((x.mean(0) - MU).abs() < 5 * SIGMA / math.sqrt(N))
     ratio = x.var(0) / SIGMA**2
@@ -123,7 +126,9 @@ def test_ddpm_seeded_and_uses_original_indices_and_temperature():
     # temperature 0: only the initial noise is random, so it equals a run from the same x_T
     noise = torch.randn(3, 5, 2, generator=torch.Generator().manual_seed(4))
     c = DDPMSampler(steps=10, temperature=0.0).sample(d, model_fn, (3, 5, 2), noise=noise)
-    e = DDPMSampler(steps=10, temperature=0.0).sample(d, model_fn, (3, 5, 2), noise=noise, generator=torch.Generator())
+    e = DDPMSampler(steps=10, temperature=0.0).sample(
+        d, model_fn, (3, 5, 2), noise=noise, generator=torch.Generator()
+    )
     assert torch.equal(c, e)
 
 

@@ -44,7 +44,10 @@ def test_kd_is_zero_for_identical_logits_and_positive_otherwise():
 def test_kl_decomposes_into_target_and_non_target_parts():
     """Per sample KL(p_t||p_s) = TCKD + (1 - p_t[gt]) * NCKD (the DKD identity)."""
     g = torch.Generator().manual_seed(0)
-    ls, lt = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(6, 5, generator=g, dtype=torch.float64)
+    ls, lt = (
+        torch.randn(6, 5, generator=g, dtype=torch.float64),
+        torch.randn(6, 5, generator=g, dtype=torch.float64),
+    )
     y = torch.tensor([0, 1, 2, 3, 4, 0])
     ps, pt = ls.softmax(1), lt.softmax(1)
     for i in range(6):
@@ -66,8 +69,9 @@ def test_kd_method_combines_terms_with_weights():
     torch.manual_seed(0)
     student = build_model({"name": "mlp", "hidden": [8]}, num_classes=10)
     teacher = build_model({"name": "mlp", "hidden": [16]}, num_classes=10)
-    method = METHODS.build({"name": "kd", "alpha": 0.3, "beta": 0.7, "temperature": 2.0},
-                           student=student, teacher=teacher)
+    method = METHODS.build(
+        {"name": "kd", "alpha": 0.3, "beta": 0.7, "temperature": 2.0}, student=student, teacher=teacher
+    )
     method.train()
     x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
     out = method.training_step((x, y))

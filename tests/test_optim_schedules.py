@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from gendd_framework.registry import OPTIMIZERS, SCHEDULERS
 from gendd_framework.engine import optim  # noqa: F401
+from gendd_framework.registry import OPTIMIZERS, SCHEDULERS
 
 
 def lrs(name, steps, **kw):
@@ -41,6 +41,8 @@ def test_adamw_param_groups_keep_their_weight_decay():
     decay, no_decay = split_decay([net])
     assert [tuple(p.shape) for p in decay] == [(4, 3)]
     assert len(no_decay) == 5  # linear bias, BN weight+bias, LN weight+bias
-    opt = OPTIMIZERS.build({"name": "adamw", "weight_decay": 0.05},
-                           params=[{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}])
+    opt = OPTIMIZERS.build(
+        {"name": "adamw", "weight_decay": 0.05},
+        params=[{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+    )
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]

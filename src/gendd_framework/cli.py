@@ -64,7 +64,10 @@ def list_main(argv: list[str] | None = None) -> None:
     load_plugins(args.plugins)
     if args.kind is None:
         for kind, reg in ALL.items():
-            print(f"{kind:<10} {len(reg.names()):>4}  {', '.join(reg.names()[:6])}{' ...' if len(reg.names()) > 6 else ''}")
+            print(
+                f"{kind:<10} {len(reg.names()):>4}  {', '.join(reg.names()[:6])}"
+                + (" ..." if len(reg.names()) > 6 else "")
+            )
         return
     kind = next((k for k in (args.kind, args.kind[:-1], args.kind[:-2]) if k in ALL), args.kind)
     if kind not in ALL:

@@ -48,7 +48,9 @@ class RunContext:
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def loader(self, split: str, *, shuffle_seed: int | None = None) -> tuple[DataLoader, torch.Generator | None]:
+    def loader(
+        self, split: str, *, shuffle_seed: int | None = None
+    ) -> tuple[DataLoader, torch.Generator | None]:
         dataset = getattr(self.data, split)
         train = split == "train"
         generator = torch.Generator() if train else None
@@ -120,19 +122,38 @@ def fit_method(
     opt_name, opt_kwargs = split_spec(optim, "optimizer")
     groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
     optimizer = OPTIMIZERS.build({"name": opt_name, **opt_kwargs}, params=groups)
-    scheduler = SCHEDULERS.build(sched, optimizer=optimizer, steps_per_epoch=len(train_loader),
-                                 epochs=trainer.epochs)
-    loop = Trainer(method, optimizer, scheduler, train_loader, val_loader, config=trainer, device=ctx.device,
-                   ckpt_dir=ctx.ckpt_dir, stage=stage, logger=ctx.logger, shuffle_seed=seed,
-                   shuffle_generator=generator, step_callbacks=step_callbacks)
+    scheduler = SCHEDULERS.build(
+        sched, optimizer=optimizer, steps_per_epoch=len(train_loader), epochs=trainer.epochs
+    )
+    loop = Trainer(
+        method,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        config=trainer,
+        device=ctx.device,
+        ckpt_dir=ctx.ckpt_dir,
+        stage=stage,
+        logger=ctx.logger,
+        shuffle_seed=seed,
+        shuffle_generator=generator,
+        step_callbacks=step_callbacks,
+    )
     best = loop.fit()
     test_last = evaluate(method, test_loader, ctx.device, trainer.precision)
     if loop.path("best").exists():
         method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
     test = evaluate(method, test_loader, ctx.device, trainer.precision)
     record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
-    ctx.logger.log({"stage": stage, "epoch": trainer.epochs, "step": loop.step,
-                    **{f"test/{k}": v for k, v in test.items()}})
+    ctx.logger.log(
+        {
+            "stage": stage,
+            "epoch": trainer.epochs,
+            "step": loop.step,
+            **{f"test/{k}": v for k, v in test.items()},
+        }
+    )
     return record
 
 
@@ -145,8 +166,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(int(cfg.seed))
     data, loader_cfg = build_data(cfg.data)
-    ctx = RunContext(cfg=cfg, run_dir=run_dir, device=resolve_device(cfg.trainer.get("device", "auto")),
-                     data=data, loader_cfg=loader_cfg, logger=build_logger(cfg, run_dir))
+    ctx = RunContext(
+        cfg=cfg,
+        run_dir=run_dir,
+        device=resolve_device(cfg.trainer.get("device", "auto")),
+        data=data,
+        loader_cfg=loader_cfg,
+        logger=build_logger(cfg, run_dir),
+    )
     from gendd_framework.registry import STAGES
 
     try:

@@ -152,7 +152,8 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: s
             close = difflib.get_close_matches(key, accepted, n=1)
             hints.append(f"'{key}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
         raise ConfigError(
-            f"{what} got unknown argument(s) {', '.join(hints)}; it accepts: {', '.join(accepted) or 'nothing'}"
+            f"{what} got unknown argument(s) {', '.join(hints)}; "
+            f"it accepts: {', '.join(accepted) or 'nothing'}"
         )
     missing = [
         n
@@ -175,10 +176,15 @@ def one_line_doc(obj: Any) -> str:
 
 
 def signature_text(obj: Any) -> str:
+    """`(a: int = 1, b: float = 0.5)`: the config keys a component accepts, annotations evaluated."""
     try:
-        return str(inspect.signature(obj))
+        try:
+            sig = inspect.signature(obj, eval_str=True)
+        except (NameError, TypeError, SyntaxError):  # unresolvable forward references
+            sig = inspect.signature(obj)
     except (TypeError, ValueError):
         return "(...)"
+    return str(sig.replace(return_annotation=inspect.Signature.empty))
 
 
 MODELS = Registry("model")

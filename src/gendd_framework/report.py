@@ -15,8 +15,11 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(Path(root).rglob("summary.json")):
         summary = json.loads(path.read_text())
-        row: dict[str, Any] = {"name": summary.get("name") or summary.get("method"), "seed": summary.get("seed"),
-                               "run_dir": str(path.parent)}
+        row: dict[str, Any] = {
+            "name": summary.get("name") or summary.get("method"),
+            "seed": summary.get("seed"),
+            "run_dir": str(path.parent),
+        }
         for stage, record in summary.items():
             if isinstance(record, dict):
                 for split in ("val", "test"):
@@ -36,7 +39,10 @@ def aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, 
         for metric in metrics:
             values = [m[metric] for m in members if metric in m]
             if values:
-                entry[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+                entry[metric] = (
+                    statistics.mean(values),
+                    statistics.stdev(values) if len(values) > 1 else 0.0,
+                )
         table.append(entry)
     return table
 
@@ -62,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     """`gendd-report DIR [--metric KEY ...]`: mean ± std test accuracy per run name under DIR."""
     parser = argparse.ArgumentParser(prog="gendd-report", description=main.__doc__)
     parser.add_argument("root", help="a run or multirun directory")
-    parser.add_argument("--metric", nargs="*", help="keys such as distill/test/acc/student (default: all test acc)")
+    parser.add_argument(
+        "--metric", nargs="*", help="keys such as distill/test/acc/student (default: all test acc)"
+    )
     args = parser.parse_args(argv)
     rows = collect(args.root)
     if not rows:

@@ -43,8 +43,10 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
     num_classes = ctx.data.num_classes
     record: dict[str, Any] = {}
     if tcfg.get("weights"):
-        model = build_model({**OmegaConf.to_container(tcfg.model, resolve=True), "checkpoint": tcfg.weights},
-                            num_classes=num_classes)
+        model = build_model(
+            {**OmegaConf.to_container(tcfg.model, resolve=True), "checkpoint": tcfg.weights},
+            num_classes=num_classes,
+        )
         record["source"] = str(tcfg.weights)
     else:
         cache = Path(tcfg.cache_dir).expanduser() / f"{teacher_cache_key(ctx)}.pt"
@@ -57,13 +59,22 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
             seed_everything(int(train.seed))
             method = METHODS.build({"name": "ce"}, student=model)
             trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(train.epochs), resume=False)
-            fit = fit_method(ctx, method, "teacher", optim=train.optim, sched=train.sched, trainer=trainer,
-                             seed=int(train.seed))
+            fit = fit_method(
+                ctx,
+                method,
+                "teacher",
+                optim=train.optim,
+                sched=train.sched,
+                trainer=trainer,
+                seed=int(train.seed),
+            )
             atomic_save(model.state_dict(), cache)
             record.update(source=f"trained:{cache}", best_epoch=fit["best_epoch"])
         else:
-            raise ConfigError(f"no teacher weights: set teacher.weights=... (cache {cache} is empty and "
-                              "teacher.train_if_missing=false)")
+            raise ConfigError(
+                f"no teacher weights: set teacher.weights=... (cache {cache} is empty and "
+                "teacher.train_if_missing=false)"
+            )
     model.to(ctx.device)
     ctx.models["teacher"] = freeze(model)
     method = METHODS.build({"name": "ce"}, student=model)
@@ -80,10 +91,22 @@ def distill_stage(ctx: RunContext, stage_name: str = "distill") -> dict[str, Any
     cfg = ctx.cfg
     student = ctx.models.get("student") or build_model(cfg.student, num_classes=ctx.data.num_classes)
     method_name, method_kwargs = split_spec(cfg.method, "method")
-    method = METHODS.build({"name": method_name, **method_kwargs}, student=student,
-                           teacher=ctx.models.get("teacher"), num_classes=ctx.data.num_classes)
+    method = METHODS.build(
+        {"name": method_name, **method_kwargs},
+        student=student,
+        teacher=ctx.models.get("teacher"),
+        num_classes=ctx.data.num_classes,
+    )
     trainer = config_lib.trainer_config(cfg.trainer)
-    record = fit_method(ctx, method, stage_name, optim=cfg.optim, sched=cfg.sched, trainer=trainer,
-                        seed=int(cfg.seed), step_callbacks=getattr(method, "step_callbacks", lambda: [])())
+    record = fit_method(
+        ctx,
+        method,
+        stage_name,
+        optim=cfg.optim,
+        sched=cfg.sched,
+        trainer=trainer,
+        seed=int(cfg.seed),
+        step_callbacks=getattr(method, "step_callbacks", lambda: [])(),
+    )
     ctx.models["student"] = method.student_model
     return record

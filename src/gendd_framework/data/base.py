@@ -37,9 +37,7 @@ class TensorImages(Dataset):
         return x, self.labels[i]
 
 
-def stratified_split(
-    labels: Sequence[int], fractions: Sequence[float], seed: int
-) -> list[np.ndarray]:
+def stratified_split(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[np.ndarray]:
     """Split indices into len(fractions)+1 parts with class proportions kept; the rest goes last."""
     from sklearn.model_selection import train_test_split
 

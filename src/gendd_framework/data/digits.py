@@ -19,7 +19,9 @@ class RandomShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.max_shift > 0:
-            dy, dx = torch.randint(-self.max_shift, self.max_shift + 1, (2,), generator=self.generator).tolist()
+            dy, dx = torch.randint(
+                -self.max_shift, self.max_shift + 1, (2,), generator=self.generator
+            ).tolist()
             x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
             if dy > 0:
                 x[..., :dy, :] = 0

@@ -38,7 +38,9 @@ def imagenet_train(size: int = 224, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1
     """RandomResizedCrop + flip + normalise (torchvision reference recipe)."""
     import torchvision.transforms as T
 
-    return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+    return T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
+    )
 
 
 @TRANSFORMS.register("imagenet_eval")

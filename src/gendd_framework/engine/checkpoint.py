@@ -46,8 +46,12 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss_next = random.getstate()
     state = {
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
-                  "cached": cached},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():

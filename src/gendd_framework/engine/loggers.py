@@ -86,12 +86,26 @@ class TensorBoardLogger(MetricLogger):
 class WandbLogger(MetricLogger):
     """Weights & Biases; `mode: offline` needs no account or network (sync later with `wandb sync`)."""
 
-    def __init__(self, run_dir: str, project: str = "gendd", mode: str = "offline", config: dict | None = None,
-                 name: str | None = None, group: str | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str,
+        project: str = "gendd",
+        mode: str = "offline",
+        config: dict | None = None,
+        name: str | None = None,
+        group: str | None = None,
+    ) -> None:
         import wandb
 
-        self.run = wandb.init(project=project, mode=mode, dir=run_dir, config=config, name=name, group=group,
-                              reinit="create_new")
+        self.run = wandb.init(
+            project=project,
+            mode=mode,
+            dir=run_dir,
+            config=config,
+            name=name,
+            group=group,
+            reinit="create_new",
+        )
 
     def log(self, record: dict[str, Any]) -> None:
         nums = {f"{record.get('stage', '')}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
@@ -123,6 +137,7 @@ def truncate_jsonl(path: Path, stage: str, max_step: int) -> None:
     kept = [
         line
         for line in path.read_text().splitlines()
-        if line.strip() and not (json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > max_step)
+        if line.strip()
+        and not (json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > max_step)
     ]
     path.write_text("".join(line + "\n" for line in kept))

@@ -17,7 +17,11 @@ from gendd_framework.registry import OPTIMIZERS, SCHEDULERS
 
 @OPTIMIZERS.register("sgd")
 def sgd(
-    params: Iterable, lr: float = 0.05, momentum: float = 0.9, weight_decay: float = 5e-4, nesterov: bool = False
+    params: Iterable,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
     """SGD with momentum (the CIFAR KD protocol: lr 0.05, wd 5e-4)."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
@@ -37,7 +41,9 @@ def adamw(
     if fused is None:
         first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
         fused = bool(first.is_cuda)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+    return torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused
+    )
 
 
 def _warmup(step: int, warmup_steps: int) -> float:

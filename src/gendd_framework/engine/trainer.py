@@ -64,9 +64,9 @@ def evaluate(method, loader: DataLoader, device: torch.device, precision: str = 
         for name, logits in outputs.items():
             logits = logits.float()
             correct[name] = correct.get(name, 0.0) + (logits.argmax(1) == y).sum().item()
-            losses[name] = losses.get(name, 0.0) + torch.nn.functional.cross_entropy(
-                logits, y, reduction="sum"
-            ).item()
+            losses[name] = (
+                losses.get(name, 0.0) + torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            )
         total += y.numel()
     metrics = {f"acc/{k}": 100.0 * v / total for k, v in correct.items()}
     metrics.update({f"ce/{k}": v / total for k, v in losses.items()})
@@ -145,14 +145,21 @@ class Trainer:
                 self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
             ):
                 metrics = evaluate(self.method, self.val_loader, self.device, self.cfg.precision)
-                self.logger.log({"stage": self.stage, "epoch": self.epoch, "step": self.step,
-                                 **{f"val/{k}": v for k, v in metrics.items()}})
+                self.logger.log(
+                    {
+                        "stage": self.stage,
+                        "epoch": self.epoch,
+                        "step": self.step,
+                        **{f"val/{k}": v for k, v in metrics.items()},
+                    }
+                )
                 if self.select not in metrics:
                     raise ConfigError(f"trainer.select='{self.select}' is not among {sorted(metrics)}")
                 if metrics[self.select] > self.best["value"]:
                     self.best = {"epoch": self.epoch, "value": metrics[self.select], "metrics": metrics}
-                    ckpt.atomic_save({"method": self.method.state_dict(), "epoch": self.epoch},
-                                     self.path("best"))
+                    ckpt.atomic_save(
+                        {"method": self.method.state_dict(), "epoch": self.epoch}, self.path("best")
+                    )
             ckpt.atomic_save(self.state(), self.path("last"))
         return self.best
 
@@ -163,8 +170,13 @@ class Trainer:
         accum = max(1, self.cfg.accum_steps)
         running: dict[str, float] = {}
         count, started = 0, time.perf_counter()
-        bar = tqdm(self.train_loader, desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
-                   disable=not self.cfg.progress, leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            self.train_loader,
+            desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
+            disable=not self.cfg.progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         for i, (x, y) in enumerate(bar):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
@@ -183,8 +195,13 @@ class Trainer:
                     raise FloatingPointError(f"non-finite loss in {self.stage} by step {self.step}")
                 bar.set_postfix(loss=f"{mean_loss:.4f}")
         elapsed = time.perf_counter() - started
-        record = {"stage": self.stage, "epoch": self.epoch + 1, "step": self.step,
-                  "lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": round(elapsed, 3)}
+        record = {
+            "stage": self.stage,
+            "epoch": self.epoch + 1,
+            "step": self.step,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_time_s": round(elapsed, 3),
+        }
         record.update({f"train/{k}": float(v) / max(count, 1) for k, v in running.items()})
         self.logger.log(record)
 

@@ -34,9 +34,13 @@ _EDGE = 0.999
 _MIN_PROB = 1e-12
 
 
-def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor):
+def normal_kl(
+    mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor
+) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) per element, in nats."""
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+    return 0.5 * (
+        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
 
 
 def discretized_gaussian_log_likelihood(
@@ -53,7 +57,9 @@ def discretized_gaussian_log_likelihood(
     cdf_min = torch.special.ndtr(inv_std * (centred - half_width))
     log_cdf_plus = torch.log(cdf_plus.clamp(min=_MIN_PROB))
     # 1 − Φ(a) computed as Φ(−a) so the right tail keeps its digits.
-    log_one_minus_cdf_min = torch.log(torch.special.ndtr(-inv_std * (centred - half_width)).clamp(min=_MIN_PROB))
+    log_one_minus_cdf_min = torch.log(
+        torch.special.ndtr(-inv_std * (centred - half_width)).clamp(min=_MIN_PROB)
+    )
     log_delta = torch.log((cdf_plus - cdf_min).clamp(min=_MIN_PROB))
     return torch.where(x < -_EDGE, log_cdf_plus, torch.where(x > _EDGE, log_one_minus_cdf_min, log_delta))
 
@@ -171,7 +177,7 @@ class GaussianDiffusion:
         return tmap[t]
 
     def respace(self, steps: int | str | Sequence[int]) -> GaussianDiffusion:
-        """A copy whose chain keeps `space_timesteps(T, steps)` and ᾱ there; the model still sees original t."""
+        """A copy keeping `space_timesteps(T, steps)` and ᾱ there; the model still sees the original t."""
         kept = space_timesteps(self.num_timesteps, steps)
         new_betas, kept_t = respace_betas(self.betas, kept)
         other = copy.copy(self)
@@ -179,7 +185,9 @@ class GaussianDiffusion:
         return other
 
     # -- forward process ------------------------------------------------------------------------
-    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+    def q_mean_variance(
+        self, x0: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and log-variance of q(x_t | x_0)."""
         x0 = as_working(x0)
         mean = self.coef("sqrt_alphas_cumprod", t, x0) * x0
@@ -189,30 +197,42 @@ class GaussianDiffusion:
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
         x0 = as_working(x0)
-        return self.coef("sqrt_alphas_cumprod", t, x0) * x0 + self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        return (
+            self.coef("sqrt_alphas_cumprod", t, x0) * x0
+            + self.coef("sqrt_one_minus_alphas_cumprod", t, x0) * noise
+        )
 
-    def q_posterior_mean_variance(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+    def q_posterior_mean_variance(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t−1} | x_t, x_0)."""
-        mean = self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        mean = (
+            self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        )
         var = self.coef("posterior_variance", t, x_t).expand_as(mean)
         log_var = self.coef("posterior_log_variance_clipped", t, x_t).expand_as(mean)
         return mean, var, log_var
 
     # -- reverse process ------------------------------------------------------------------------
-    def split_output(self, output: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def split_output(
+        self, output: torch.Tensor, x_t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(prediction channels, variance channels or None), checking the channel count."""
         k = x_t.shape[-1]
         expected = 2 * k if self.learn_sigma else k
         if output.shape[-1] != expected:
             raise ConfigError(
-                f"the model returned {output.shape[-1]} channels but the diffusion objective expects {expected} "
-                f"(token_dim={k}, learn_sigma={self.learn_sigma}); make the head's learn_sigma match the objective's"
+                f"the model returned {output.shape[-1]} channels but the diffusion objective expects "
+                f"{expected} (token_dim={k}, learn_sigma={self.learn_sigma}); make the head's learn_sigma "
+                "match the objective's"
             )
         if self.learn_sigma:
             return output[..., :k], output[..., k:]
         return output, None
 
-    def p_mean_variance(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    def p_mean_variance(
+        self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """p(x_{t−1} | x_t) from a model output: dict(mean, variance, log_variance, pred_xstart, eps)."""
         x_t = as_working(x_t)
         pred, v = self.split_output(output, x_t)
@@ -228,16 +248,23 @@ class GaussianDiffusion:
             log_var = self.coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         if self.predict == "epsilon":
             eps = pred
-            pred_x0 = self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self.coef(
-                "sqrt_recipm1_alphas_cumprod", t, x_t
-            ) * eps
+            pred_x0 = (
+                self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+                - self.coef("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+            )
         else:
             pred_x0 = pred
             eps = (self.coef("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_x0) / self.coef(
                 "sqrt_recipm1_alphas_cumprod", t, x_t
             )
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return {"mean": mean, "variance": torch.exp(log_var), "log_variance": log_var, "pred_xstart": pred_x0, "eps": eps}
+        return {
+            "mean": mean,
+            "variance": torch.exp(log_var),
+            "log_variance": log_var,
+            "pred_xstart": pred_x0,
+            "eps": eps,
+        }
 
     # -- training -------------------------------------------------------------------------------
     def vb_terms_bpd(
@@ -300,7 +327,9 @@ class GaussianDiffusion:
         return out
 
     def __repr__(self) -> str:
-        respaced = "" if self.num_timesteps == self.original_num_timesteps else f", respaced={self.num_timesteps}"
+        respaced = (
+            "" if self.num_timesteps == self.original_num_timesteps else f", respaced={self.num_timesteps}"
+        )
         return (
             f"GaussianDiffusion(T={self.original_num_timesteps}{respaced}, schedule={self.schedule!r}, "
             f"learn_sigma={self.learn_sigma}, predict={self.predict!r}, decoder_nll={self.decoder_nll!r})"

@@ -28,7 +28,10 @@ from gendd_framework.registry import HEADS
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal features [cos(t·f_i), sin(t·f_i)] (cos first), f_i = max_period^(−i/(dim/2)); shape t.shape+(dim,)."""
+    """Sinusoidal features [cos(t·f_i), sin(t·f_i)], cos first, f_i = max_period^(−i/(dim/2)).
+
+    The raw (integer) timestep index is used, no rescaling; returns shape t.shape + (dim,).
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.to(torch.float32).unsqueeze(-1) * freqs
@@ -189,7 +192,7 @@ class MLPAdaLNHead(nn.Module):
         return self.denoise(x, self.time_embed(t) + context)
 
     def denoise(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The trunk: tokens x (…, k) under conditioning y (broadcastable to (…, W)); output broadcast shape."""
+        """The trunk: tokens x (…, k) under conditioning y (broadcastable to (…, W)); broadcast output."""
         h = self.input_proj(x)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -205,17 +208,20 @@ class MLPAdaLNHead(nn.Module):
         sampling steps). `guided=True` returns (out_cond, out_uncond) for the same x from one batched
         pass over the [z ; null] contexts: the input projection and time embedding are shared.
         Call it under torch.no_grad() when sampling. `drop` applies to unguided calls (training).
+        Under DistributedDataParallel train through the wrapper instead, so DDP sees a forward:
+        `lambda x_t, t: ddp_head(x_t, t, z, drop=drop)` (same maths, context computed in forward).
         """
         context = self.embed_context(cond)
-        null = self.null_context()
+        both = torch.stack([context, self.null_context().expand_as(context)])  # (2, B, n, W): [z ; null]
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor, guided: bool = False):
+        def model_fn(
+            x: torch.Tensor, t: torch.Tensor, guided: bool = False
+        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
             if not guided:
-                return self.forward(x, t, context=context, drop=drop)
+                return self(x, t, context=context, drop=drop)
             self._check_rows(x, context)
             lead = (1,) * (x.dim() - 3)
-            both = torch.stack([context, null.expand_as(context)]).reshape(2, *lead, *context.shape)
-            out = self.denoise(x, self.time_embed(t) + both)
+            out = self.denoise(x, self.time_embed(t) + both.reshape(2, *lead, *context.shape))
             out = out.expand(2, *x.shape[:-1], out.shape[-1])
             return out[0], out[1]
 
@@ -228,4 +234,6 @@ class MLPAdaLNHead(nn.Module):
                 f"got {tuple(x.shape)}; check tokenizer token_dim/num_tokens against the head"
             )
         if context.shape[0] != x.shape[-3]:
-            raise ConfigError(f"tokens are for {x.shape[-3]} images but the condition has {context.shape[0]} rows")
+            raise ConfigError(
+                f"tokens are for {x.shape[-3]} images but the condition has {context.shape[0]} rows"
+            )

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.generative.diffusion import GaussianDiffusion, ModelFn, check_generator, as_working
+from gendd_framework.generative.diffusion import GaussianDiffusion, ModelFn, as_working, check_generator
 from gendd_framework.registry import SAMPLERS
 
 
@@ -83,6 +83,7 @@ class _Sampler:
         if noise is not None:
             if tuple(noise.shape) != shape:
                 raise ConfigError(f"initial noise has shape {tuple(noise.shape)}, expected {shape}")
+            check_generator(generator, noise.device)
             return as_working(noise), noise.dtype
         if device is None:
             device = generator.device if generator is not None else torch.device("cpu")
@@ -179,7 +180,9 @@ class DDIMSampler(_Sampler):
             ac = chain.coef("alphas_cumprod", t, step["eps"])
             ac_prev = chain.coef("alphas_cumprod_prev", t, step["eps"])
             sigma = self.eta * torch.sqrt((1.0 - ac_prev) / (1.0 - ac)) * torch.sqrt(1.0 - ac / ac_prev)
-            mean = step["pred_xstart"] * torch.sqrt(ac_prev) + torch.sqrt(1.0 - ac_prev - sigma**2) * step["eps"]
+            mean = (
+                step["pred_xstart"] * torch.sqrt(ac_prev) + torch.sqrt(1.0 - ac_prev - sigma**2) * step["eps"]
+            )
             if i > 0 and self.eta > 0:
                 eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 mean = mean + sigma * eps

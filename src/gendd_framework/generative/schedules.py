@@ -68,7 +68,8 @@ def space_timesteps(num_timesteps: int, steps: int | str | Sequence[int]) -> lis
         text = steps.strip()
         if not text or not all(part.strip().isdigit() for part in text.split(",")):
             raise ConfigError(
-                f"sampling steps {steps!r} must be an integer or comma-separated integers like '100' or '10,20'"
+                f"sampling steps {steps!r} must be an integer or comma-separated integers "
+                "like '100' or '10,20'"
             )
         counts = [int(part) for part in text.split(",")]
     elif isinstance(steps, int) and not isinstance(steps, bool):

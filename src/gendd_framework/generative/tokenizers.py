@@ -35,7 +35,8 @@ class SplitTokenizer:
         """(…, D) -> (…, n, k); token j holds channels [j·k, (j+1)·k)."""
         if features.shape[-1] != self.feature_dim:
             raise ConfigError(
-                f"tokenizer built for feature_dim={self.feature_dim} got features of shape {tuple(features.shape)}"
+                f"tokenizer built for feature_dim={self.feature_dim} got features of shape "
+                f"{tuple(features.shape)}"
             )
         return features.reshape(*features.shape[:-1], self.num_tokens, self.token_dim)
 

@@ -25,7 +25,9 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
-def split_decay(modules: Iterable[nn.Module], no_decay_modules: Iterable[nn.Module] = ()) -> tuple[list, list]:
+def split_decay(
+    modules: Iterable[nn.Module], no_decay_modules: Iterable[nn.Module] = ()
+) -> tuple[list, list]:
     """(decay, no_decay) trainable parameters: biases, norm/embedding weights and every parameter of
     `no_decay_modules` skip weight decay; weight matrices and conv kernels get it."""
     excluded = {id(p) for m in no_decay_modules for p in m.parameters()}
@@ -48,7 +50,9 @@ class Method(nn.Module):
 
     primary_output = "student"  # the `predict` key used for model selection by default
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, taps: Iterable[str] = ("feature",)):
+    def __init__(
+        self, student: nn.Module, teacher: nn.Module | None = None, taps: Iterable[str] = ("feature",)
+    ):
         super().__init__()
         self.student = FeatureTap(student, taps)
         self.teacher = FeatureTap(freeze(teacher), taps) if teacher is not None else None

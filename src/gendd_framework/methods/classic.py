@@ -54,7 +54,9 @@ def distill(student: nn.Module, losses: list, teacher: nn.Module | None = None, 
 
 
 @METHODS.register("ce", aliases=["vanilla"])
-def ce(student: nn.Module, teacher: nn.Module | None = None, num_classes: int = 0, label_smoothing: float = 0.0):
+def ce(
+    student: nn.Module, teacher: nn.Module | None = None, num_classes: int = 0, label_smoothing: float = 0.0
+):
     """The student alone, trained with cross-entropy (the teacher, if given, is ignored)."""
     return WeightedLossMethod(student, None, [{"name": "ce", "label_smoothing": label_smoothing}])
 

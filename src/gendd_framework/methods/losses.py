@@ -14,7 +14,9 @@ from gendd_framework.errors import ConfigError
 from gendd_framework.registry import LOSSES
 
 
-def kd_kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def kd_kl_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Hinton KD: τ²·KL(p_t^τ ‖ p_s^τ), summed over classes, averaged over the batch."""
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
@@ -64,6 +66,8 @@ class FeatureMSE(LossTerm):
     def forward(self, student: dict, teacher: dict | None, target: torch.Tensor) -> torch.Tensor:
         fs, ft = student["feature"], teacher["feature"]
         if fs.shape != ft.shape:
-            raise ConfigError(f"feature_mse needs equal feature shapes, got student {tuple(fs.shape)} "
-                              f"and teacher {tuple(ft.shape)}")
+            raise ConfigError(
+                f"feature_mse needs equal feature shapes, got student {tuple(fs.shape)} "
+                f"and teacher {tuple(ft.shape)}"
+            )
         return F.mse_loss(fs, ft)

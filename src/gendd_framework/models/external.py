@@ -21,7 +21,8 @@ def _refuse_downloads(kwargs: dict[str, Any], source: str) -> None:
     bad = [k for k in _FORBIDDEN if kwargs.get(k)]
     if bad:
         raise ConfigError(
-            f"{source}: {bad} would download weights; set `checkpoint: /path/to/weights.pth` on the model instead"
+            f"{source}: {bad} would download weights; "
+            "set `checkpoint: /path/to/weights.pth` on the model instead"
         )
 
 

@@ -49,7 +49,11 @@ class SmallCNN(nn.Module):
         layers: list[nn.Module] = []
         width = in_channels
         for i, c in enumerate(channels):
-            layers += [nn.Conv2d(width, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(width, c, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+            ]
             if i < len(channels) - 1:
                 layers.append(nn.MaxPool2d(2))
             width = c
