@@ -146,6 +146,8 @@ def fit_method(
         method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
     test = evaluate(method, test_loader, ctx.device, trainer.precision)
     record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
+    if method.eval_settings():
+        record["eval_settings"] = method.eval_settings()
     ctx.logger.log(
         {
             "stage": stage,

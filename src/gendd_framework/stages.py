@@ -110,3 +110,21 @@ def distill_stage(ctx: RunContext, stage_name: str = "distill") -> dict[str, Any
     )
     ctx.models["student"] = method.student_model
     return record
+
+
+@STAGES.register("pretrain")
+def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
+    """GenDD stage 1: train the student through the frozen teacher head (`pretrain:` config), keep the
+    backbone for the next stage and discard the projection (spec B.4)."""
+    pcfg = ctx.cfg.get("pretrain")
+    if pcfg is None or "teacher" not in ctx.models:
+        raise ConfigError("stage 'pretrain' needs a `pretrain:` config and a `teacher` stage before it")
+    student = build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
+    method = METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=ctx.models["teacher"])
+    trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(pcfg.epochs))
+    record = fit_method(ctx, method, "pretrain", optim=pcfg.optim, sched=pcfg.sched, trainer=trainer,
+                        seed=int(ctx.cfg.seed))
+    for p in student.parameters():  # the student's own head was frozen for this stage only
+        p.requires_grad_(True)
+    ctx.models["student"] = student
+    return record

@@ -35,15 +35,33 @@ def adamw(
     betas: Sequence[float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool | None = None,
+    beta2_min: float | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay); `fused` defaults to on for CUDA parameters."""
+    """AdamW (decoupled weight decay); `fused` defaults to on for CUDA parameters.
+
+    `beta2_min` turns on GenDD's per-iteration cosine ramp of β2 from `beta2_min` up to `betas[1]`.
+    """
     params = list(params)
     if fused is None:
         first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
         fused = bool(first.is_cuda)
-    return torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused
-    )
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+    if beta2_min is not None:
+        beta2_max = float(betas[1])
+
+        def ramp_beta2(step: int, total_steps: int) -> None:
+            value = beta2_cosine_ramp(step, total_steps, float(beta2_min), beta2_max)
+            for group in opt.param_groups:
+                group["betas"] = (group["betas"][0], value)
+
+        opt.before_step = ramp_beta2  # a function of the step count alone, so resume stays exact
+    return opt
+
+
+def beta2_cosine_ramp(step: int, total_steps: int, beta_min: float, beta_max: float) -> float:
+    """β2(s) = β_max − ½(β_max − β_min)(1 + cos(π·s/S)), S = total_steps − 1 (β_min first, β_max last)."""
+    span = max(1, total_steps - 1)
+    return beta_max - 0.5 * (beta_max - beta_min) * (1 + math.cos(math.pi * min(step, span) / span))
 
 
 def _warmup(step: int, warmup_steps: int) -> float:

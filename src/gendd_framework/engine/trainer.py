@@ -54,6 +54,7 @@ def autocast_context(device: torch.device, precision: str):
 def evaluate(method, loader: DataLoader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
     """Top-1 accuracy (%) and CE of every named output of `method.predict` over `loader`."""
     method.eval()
+    method.on_evaluate_start()
     correct: dict[str, float] = {}
     losses: dict[str, float] = {}
     total = 0
@@ -206,6 +207,9 @@ class Trainer:
         self.logger.log(record)
 
     def optimizer_step(self, total_steps: int) -> None:
+        before_step = getattr(self.optimizer, "before_step", None)  # e.g. the AdamW beta2 ramp
+        if before_step is not None:
+            before_step(self.step, total_steps)
         for callback in self.step_callbacks:
             callback(self.step, total_steps, self.optimizer)
         if self.cfg.grad_clip:

@@ -74,6 +74,13 @@ class Method(nn.Module):
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"student": self.student(x)["logits"]}
 
+    def on_evaluate_start(self) -> None:
+        """Called before each evaluation pass (stochastic methods re-seed their samplers here)."""
+
+    def eval_settings(self) -> dict:
+        """Settings that determine `predict` (recorded next to every evaluation result)."""
+        return {}
+
     def trainable_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates (the teacher is excluded by construction)."""
         return [m for name, m in self.named_children() if name != "teacher"]

@@ -1,0 +1,186 @@
+"""GenDD: the student's feature conditions a diffusion head that learns to generate the teacher's feature.
+
+Composed from registered parts (tokenizer, head, objective, sampler) plus Distribution Contraction and
+feature mixup. `predict` returns `generative` logits (teacher head on sampled features) and `student`
+logits (the student's own CE-trained linear head, one pass). Spec: shared/GENDD_SPEC.md B.5, C.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gendd_framework.errors import ConfigError
+from gendd_framework.generative.contraction import contract, feature_mixup
+from gendd_framework.methods.base import Method
+from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS, split_spec
+
+DEFAULT_TOKENIZER = {"name": "split", "token_dim": 64}
+DEFAULT_HEAD = {"name": "mlp_adaln", "width": 1024, "depth": 3}
+DEFAULT_OBJECTIVE = {"name": "gaussian_diffusion", "num_timesteps": 1000, "schedule": "cosine"}
+DEFAULT_SAMPLER = {"name": "ddpm", "steps": 100, "temperature": 1.0}
+
+
+@METHODS.register("gendd")
+class GenDD(Method):
+    """Generative Distribution Distillation: diffusion loss on the (contracted) teacher feature + CE probe.
+
+    lam: Distribution Contraction λ (x0 = (1-λ)·f_t + λ·W_t[y]); 0 with `use_labels: false` is the
+    unsupervised variant. mixup_beta: feature mixup Beta(β,β) (0 = off). cond_drop_prob: condition
+    dropout for classifier-free guidance. diffusion_batch_mul: M replicas of every token row.
+    ce_weight: weight of the student-head CE (0 disables it). The remaining keys are evaluation knobs.
+    """
+
+    primary_output = "generative"
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        num_classes: int = 0,
+        tokenizer: dict | None = None,
+        head: dict | None = None,
+        objective: dict | None = None,
+        sampler: dict | None = None,
+        lam: float = 0.9,
+        use_labels: bool = True,
+        mixup_beta: float = 1.0,
+        cond_drop_prob: float = 0.2,
+        diffusion_batch_mul: int = 30,
+        ce_weight: float = 1.0,
+        guidance_scale: float = 2.0,
+        num_sampling: int = 1,
+        eval_seed: int = 0,
+        official_weight_decay: bool = False,
+    ) -> None:
+        if teacher is None:
+            raise ConfigError("method 'gendd' needs a teacher: add the `teacher` stage before `distill`")
+        super().__init__(student, teacher, taps=("feature",))
+        if not use_labels and lam != 0:
+            raise ConfigError(f"gendd without labels (use_labels=false) needs lam=0, got lam={lam}")
+        if diffusion_batch_mul < 1 or num_sampling < 1:
+            raise ConfigError("diffusion_batch_mul and num_sampling must be >= 1")
+        teacher_dim, student_dim = self.teacher.feature_dim, self.student.feature_dim
+        tok_name, tok_kwargs = split_spec(tokenizer or DEFAULT_TOKENIZER, "tokenizer")
+        self.tokenizer = TOKENIZERS.build({"name": tok_name, **tok_kwargs}, feature_dim=teacher_dim)
+        self.norm = nn.LayerNorm(student_dim)
+        self.head = HEADS.build(
+            head or DEFAULT_HEAD,
+            token_dim=self.tokenizer.token_dim,
+            cond_dim=student_dim,
+            num_positions=self.tokenizer.num_tokens,
+        )
+        self.objective = OBJECTIVES.build(objective or DEFAULT_OBJECTIVE)
+        self.sampler = SAMPLERS.build(sampler or DEFAULT_SAMPLER)
+        # A detached copy of the teacher head (spec F.12): contraction centres and test-time classifier.
+        self.register_buffer("class_weight", self.teacher.classifier.weight.detach().clone())
+        bias = self.teacher.classifier.bias
+        self.register_buffer("class_bias", bias.detach().clone() if bias is not None else None)
+        self.lam, self.use_labels, self.mixup_beta = float(lam), use_labels, float(mixup_beta)
+        self.cond_drop_prob, self.mul, self.ce_weight = float(cond_drop_prob), int(diffusion_batch_mul), ce_weight
+        self.guidance_scale, self.num_sampling, self.eval_seed = float(guidance_scale), int(num_sampling), eval_seed
+        self.official_weight_decay = official_weight_decay
+        self._sampling_generator: torch.Generator | None = None
+
+    # -- training -------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        h = self.student(x)["feature"]
+        with torch.no_grad():
+            f = self.teacher_outputs(x)["feature"].float()
+            x0 = contract(f, y if self.use_labels else None, self.class_weight, self.lam)
+        z = self.norm(h.float())
+        z, x0 = feature_mixup(z, x0, self.mixup_beta)
+        tokens = self.tokenizer.tokenize(x0)  # (B, n, k)
+        rows = tokens.unsqueeze(0).expand(self.mul, *tokens.shape)  # (M, B, n, k): no copy
+        drop = torch.rand(rows.shape[:-1], device=x.device) < self.cond_drop_prob
+        # Call the head module itself (not a cached closure) so DDP wrappers see a forward.
+        diffusion = self.objective.training_losses(lambda x_t, t: self.head(x_t, t, z, drop=drop), rows)
+        out = {"diffusion": diffusion["loss"], "mse": diffusion["mse"].detach(), "vb": diffusion["vb"].detach()}
+        loss = diffusion["loss"]
+        if self.use_labels and self.ce_weight > 0:
+            out["ce"] = F.cross_entropy(self.student.classifier(h.detach()), y)
+            loss = loss + self.ce_weight * out["ce"]
+        out["loss"] = loss
+        return out
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def on_evaluate_start(self) -> None:
+        """Re-seed the sampling generator so every evaluation pass draws the same noise."""
+        self._sampling_generator = None
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        gen = self._sampling_generator
+        if gen is None or gen.device != device:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(int(self.eval_seed))
+            self._sampling_generator = gen
+        return gen
+
+    @torch.no_grad()
+    def sample_features(self, z: torch.Tensor, num_sampling: int | None = None) -> torch.Tensor:
+        """Teacher-space features (NS, B, D_t) sampled per token with guidance, given conditions z (B, D_s)."""
+        ns = num_sampling or self.num_sampling
+        model_fn = self.head.make_model_fn(z.float())  # condition/position embeddings cached across steps
+        shape = (ns, z.shape[0], self.tokenizer.num_tokens, self.tokenizer.token_dim)
+        tokens = self.sampler.sample(self.objective, model_fn, shape, guidance_scale=self.guidance_scale,
+                                     generator=self._generator(z.device), device=z.device)
+        return self.tokenizer.detokenize(tokens)
+
+    def teacher_head(self, features: torch.Tensor) -> torch.Tensor:
+        return F.linear(features, self.class_weight, self.class_bias)
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.student(x)["feature"]
+        student_logits = self.student.classifier(h)
+        features = self.sample_features(self.norm(h.float())).mean(0)  # averaging features = averaging logits
+        return {"generative": self.teacher_head(features), "student": student_logits}
+
+    def eval_settings(self) -> dict[str, Any]:
+        """Recorded next to every evaluation result."""
+        sampler = {k: v for k, v in vars(self.sampler).items() if not k.startswith("_")}
+        return {"sampler": type(self.sampler).__name__, **sampler, "guidance_scale": self.guidance_scale,
+                "num_sampling": self.num_sampling, "eval_seed": self.eval_seed}
+
+    # -- optimisation ---------------------------------------------------------------------------
+    def no_decay_modules(self) -> list[nn.Module]:
+        return [self.head] if self.official_weight_decay else [self.head, self.norm]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        if not self.official_weight_decay:
+            return super().param_groups(weight_decay)
+        # Official code: only the diffusion head skips decay (student BN, biases and the LN get it).
+        head = [p for p in self.head.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head}
+        rest = [p for m in self.trainable_modules() for p in m.parameters()
+                if p.requires_grad and id(p) not in head_ids]
+        return [{"params": rest, "weight_decay": weight_decay, "group": "decay"},
+                {"params": head, "weight_decay": 0.0, "group": "no_decay"}]
+
+
+@METHODS.register("teacher_head_ce")
+class TeacherHeadCE(Method):
+    """GenDD stage 1 ("pretrain"): the student learns through the frozen teacher classifier via a
+    projection Linear(D_s, D_t) (identity when equal); the projection is discarded afterwards."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None = None, num_classes: int = 0) -> None:
+        if teacher is None:
+            raise ConfigError("method 'teacher_head_ce' (GenDD pretrain) needs a teacher")
+        super().__init__(student, teacher, taps=("feature",))
+        ds, dt = self.student.feature_dim, self.teacher.feature_dim
+        self.proj = nn.Identity() if ds == dt else nn.Linear(ds, dt)
+        for p in self.student.classifier.parameters():
+            p.requires_grad_(False)
+
+    def training_step(self, batch):
+        x, y = batch
+        logits = self.teacher.classifier(self.proj(self.student(x)["feature"]))
+        ce = F.cross_entropy(logits, y)
+        return {"ce": ce, "loss": ce}
+
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"student": self.teacher.classifier(self.proj(self.student(x)["feature"]))}
