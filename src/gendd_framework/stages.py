@@ -122,8 +122,9 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     student = build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
     method = METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=ctx.models["teacher"])
     trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(pcfg.epochs))
-    record = fit_method(ctx, method, "pretrain", optim=pcfg.optim, sched=pcfg.sched, trainer=trainer,
-                        seed=int(ctx.cfg.seed))
+    record = fit_method(
+        ctx, method, "pretrain", optim=pcfg.optim, sched=pcfg.sched, trainer=trainer, seed=int(ctx.cfg.seed)
+    )
     for p in student.parameters():  # the student's own head was frozen for this stage only
         p.requires_grad_(True)
     ctx.models["student"] = student

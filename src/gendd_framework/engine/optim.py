@@ -45,7 +45,9 @@ def adamw(
     if fused is None:
         first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
         fused = bool(first.is_cuda)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused)
+    opt = torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused
+    )
     if beta2_min is not None:
         beta2_max = float(betas[1])
 

@@ -80,8 +80,16 @@ class GenDD(Method):
         bias = self.teacher.classifier.bias
         self.register_buffer("class_bias", bias.detach().clone() if bias is not None else None)
         self.lam, self.use_labels, self.mixup_beta = float(lam), use_labels, float(mixup_beta)
-        self.cond_drop_prob, self.mul, self.ce_weight = float(cond_drop_prob), int(diffusion_batch_mul), ce_weight
-        self.guidance_scale, self.num_sampling, self.eval_seed = float(guidance_scale), int(num_sampling), eval_seed
+        self.cond_drop_prob, self.mul, self.ce_weight = (
+            float(cond_drop_prob),
+            int(diffusion_batch_mul),
+            ce_weight,
+        )
+        self.guidance_scale, self.num_sampling, self.eval_seed = (
+            float(guidance_scale),
+            int(num_sampling),
+            eval_seed,
+        )
         self.official_weight_decay = official_weight_decay
         self._sampling_generator: torch.Generator | None = None
 
@@ -99,7 +107,11 @@ class GenDD(Method):
         drop = torch.rand(rows.shape[:-1], device=x.device) < self.cond_drop_prob
         # Call the head module itself (not a cached closure) so DDP wrappers see a forward.
         diffusion = self.objective.training_losses(lambda x_t, t: self.head(x_t, t, z, drop=drop), rows)
-        out = {"diffusion": diffusion["loss"], "mse": diffusion["mse"].detach(), "vb": diffusion["vb"].detach()}
+        out = {
+            "diffusion": diffusion["loss"],
+            "mse": diffusion["mse"].detach(),
+            "vb": diffusion["vb"].detach(),
+        }
         loss = diffusion["loss"]
         if self.use_labels and self.ce_weight > 0:
             out["ce"] = F.cross_entropy(self.student.classifier(h.detach()), y)
@@ -126,8 +138,14 @@ class GenDD(Method):
         ns = num_sampling or self.num_sampling
         model_fn = self.head.make_model_fn(z.float())  # condition/position embeddings cached across steps
         shape = (ns, z.shape[0], self.tokenizer.num_tokens, self.tokenizer.token_dim)
-        tokens = self.sampler.sample(self.objective, model_fn, shape, guidance_scale=self.guidance_scale,
-                                     generator=self._generator(z.device), device=z.device)
+        tokens = self.sampler.sample(
+            self.objective,
+            model_fn,
+            shape,
+            guidance_scale=self.guidance_scale,
+            generator=self._generator(z.device),
+            device=z.device,
+        )
         return self.tokenizer.detokenize(tokens)
 
     def teacher_head(self, features: torch.Tensor) -> torch.Tensor:
@@ -143,8 +161,13 @@ class GenDD(Method):
     def eval_settings(self) -> dict[str, Any]:
         """Recorded next to every evaluation result."""
         sampler = {k: v for k, v in vars(self.sampler).items() if not k.startswith("_")}
-        return {"sampler": type(self.sampler).__name__, **sampler, "guidance_scale": self.guidance_scale,
-                "num_sampling": self.num_sampling, "eval_seed": self.eval_seed}
+        return {
+            "sampler": type(self.sampler).__name__,
+            **sampler,
+            "guidance_scale": self.guidance_scale,
+            "num_sampling": self.num_sampling,
+            "eval_seed": self.eval_seed,
+        }
 
     # -- optimisation ---------------------------------------------------------------------------
     def no_decay_modules(self) -> list[nn.Module]:
@@ -156,10 +179,16 @@ class GenDD(Method):
         # Official code: only the diffusion head skips decay (student BN, biases and the LN get it).
         head = [p for p in self.head.parameters() if p.requires_grad]
         head_ids = {id(p) for p in head}
-        rest = [p for m in self.trainable_modules() for p in m.parameters()
-                if p.requires_grad and id(p) not in head_ids]
-        return [{"params": rest, "weight_decay": weight_decay, "group": "decay"},
-                {"params": head, "weight_decay": 0.0, "group": "no_decay"}]
+        rest = [
+            p
+            for m in self.trainable_modules()
+            for p in m.parameters()
+            if p.requires_grad and id(p) not in head_ids
+        ]
+        return [
+            {"params": rest, "weight_decay": weight_decay, "group": "decay"},
+            {"params": head, "weight_decay": 0.0, "group": "no_decay"},
+        ]
 
 
 @METHODS.register("teacher_head_ce")
