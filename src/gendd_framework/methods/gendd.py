@@ -134,7 +134,7 @@ class GenDD(Method):
 
     @torch.no_grad()
     def sample_features(self, z: torch.Tensor, num_sampling: int | None = None) -> torch.Tensor:
-        """Teacher-space features (NS, B, D_t) sampled per token with guidance, given conditions z (B, D_s)."""
+        """Teacher-space features (NS, B, D_t) sampled per token with guidance, given conditions (B, D_s)."""
         ns = num_sampling or self.num_sampling
         model_fn = self.head.make_model_fn(z.float())  # condition/position embeddings cached across steps
         shape = (ns, z.shape[0], self.tokenizer.num_tokens, self.tokenizer.token_dim)
