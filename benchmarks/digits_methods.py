@@ -1,0 +1,212 @@
+"""Digits accuracy of every distillation method over several seeds (CE, KD, GenDD and their variants).
+
+Each method is one `gendd-train -m experiment=digits/<name> seed=...` multirun in a scratch folder
+(checkpoints stay out of git); the summaries are aggregated into results/digits_methods.{md,json,png}.
+Seeds whose summary already exists are not retrained, so an interrupted run can simply be restarted.
+
+    python benchmarks/digits_methods.py            # 6 methods x 3 seeds, ~25 min on 2 CPU cores
+    python benchmarks/digits_methods.py --quick    # 1 seed, 2 epochs: a smoke test (~2 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    BIN,
+    SCRATCH,
+    fmt_ms,
+    machine_info,
+    md_table,
+    mean_std,
+    results_dir,
+    train_env,
+    write_outputs,
+)
+from gendd_framework.report import collect
+
+# (experiment, label shown in the table); order = table/plot order.
+METHODS = [
+    ("digits/ce", "CE (student alone)"),
+    ("digits/kd", "KD (Hinton)"),
+    ("digits/gendd", "GenDD supervised"),
+    ("digits/kd_unsup", "unsupervised KL (no labels)"),
+    ("digits/gendd_unsup", "GenDD unsupervised (no labels)"),
+    ("digits/gendd_naive", "naive GenDD (1 token)"),
+]
+STUDENT, GENERATIVE, TEACHER = (
+    "distill/test/acc/student",
+    "distill/test/acc/generative",
+    "teacher/test/acc/student",
+)
+
+
+def run_method(experiment: str, seeds: list[int], sweep_dir: Path, extra: list[str]) -> float:
+    """Train the seeds of one experiment that have no summary yet; return the wall-clock seconds."""
+    done = {row["seed"] for row in collect(sweep_dir)} if sweep_dir.exists() else set()
+    todo = [s for s in seeds if s not in done]
+    if not todo:
+        print(f"[{experiment}] all seeds already done in {sweep_dir}")
+        return 0.0
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cmd = [
+        "nice", "-n", "10", str(BIN / "gendd-train"), "-m",
+        f"experiment={experiment}",
+        "seed=" + ",".join(map(str, todo)),
+        "trainer.progress=false",
+        *extra,
+        f"hydra.sweep.dir={sweep_dir / stamp}",
+    ]  # fmt: skip
+    print(f"[{experiment}] seeds {todo}: {' '.join(cmd)}", flush=True)
+    start = time.perf_counter()
+    log = sweep_dir / f"{stamp}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        proc = subprocess.run(cmd, env=train_env(), stdout=fh, stderr=subprocess.STDOUT, check=False)
+    elapsed = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"[{experiment}] gendd-train failed (rc={proc.returncode}); see {log}")
+    print(f"[{experiment}] done in {elapsed:.0f} s", flush=True)
+    return elapsed
+
+
+def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per-method records (per-seed accuracies) plus the teacher's accuracy."""
+    records, teacher = [], {}
+    for experiment, label in METHODS:
+        rows = [r for r in collect(runs_root / experiment.replace("/", "_")) if r["seed"] in seeds]
+        rows.sort(key=lambda r: r["seed"])
+        rec: dict[str, Any] = {
+            "experiment": experiment,
+            "label": label,
+            "name": rows[0]["name"] if rows else None,
+        }
+        rec["seeds"] = [r["seed"] for r in rows]
+        rec["student"] = [r[STUDENT] for r in rows if STUDENT in r]
+        rec["generative"] = [r[GENERATIVE] for r in rows if GENERATIVE in r]
+        rec["elapsed_s"] = [
+            json.loads((Path(r["run_dir"]) / "summary.json").read_text()).get("elapsed_s") for r in rows
+        ]
+        records.append(rec)
+        for r in rows:
+            if TEACHER in r:
+                teacher.setdefault("acc", set()).add(round(r[TEACHER], 4))
+    teacher["acc"] = sorted(teacher.get("acc", []))
+    return records, teacher
+
+
+def render(records: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
+    header = [
+        "method",
+        "runs",
+        "student acc (%)",
+        "generative acc (%)",
+        "student per seed",
+        "generative per seed",
+        "s/run",
+    ]
+    rows = []
+    for rec in records:
+        per = lambda vals: ", ".join(f"{v:.2f}" for v in vals) or "–"  # noqa: E731
+        secs = [s for s in rec["elapsed_s"] if s is not None]
+        rows.append([
+            rec["label"], len(rec["seeds"]), fmt_ms(rec["student"]), fmt_ms(rec["generative"]),
+            per(rec["student"]), per(rec["generative"]), f"{sum(secs) / len(secs):.0f}" if secs else "–",
+        ])  # fmt: skip
+    teacher_txt = ", ".join(f"{a:.2f}" for a in teacher["acc"]) or "–"
+    notes = [
+        "Test accuracy (%) on sklearn digits (25% test split, 449 images), best-on-val checkpoint,",
+        "mean ± sample std over seeds. `student` = the student's own classifier logits; `generative` =",
+        "teacher head on GenDD-sampled features (DDPM 100 steps, guidance 2, 1 sample).",
+        "Unsupervised rows use no labels for the student (the teacher was trained with labels).",
+        f"Teacher (small_cnn, cached, same for all runs) test accuracy: {teacher_txt}.",
+    ]
+    return "## Digits: accuracy per method\n\n" + md_table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def plot(records: list[dict[str, Any]], teacher: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.38
+    for offset, key, colour in ((-width / 2, "student", "tab:blue"), (width / 2, "generative", "tab:orange")):
+        xs, ms, ss = [], [], []
+        for i, rec in enumerate(records):
+            if rec[key]:
+                m, s = mean_std(rec[key])
+                xs.append(i + offset), ms.append(m), ss.append(s)
+        ax.bar(xs, ms, width, yerr=ss, capsize=4, label=f"{key} logits", color=colour)
+        for x, m in zip(xs, ms, strict=True):
+            ax.text(x, m + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
+    if teacher["acc"]:
+        ax.axhline(teacher["acc"][0], color="k", ls="--", lw=1, label="teacher")
+    lows = [min(rec["student"] + rec["generative"]) for rec in records if rec["student"] or rec["generative"]]
+    ax.set_ylim(max(0.0, min(lows, default=0) - 5), 100.5)
+    ax.set_xticks(range(len(records)), [r["label"].replace(" (", "\n(") for r in records], fontsize=8)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Digits: student vs generative accuracy (mean ± std over seeds)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, scratch results folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    parser.add_argument(
+        "--runs-dir", default=None, help="run directories (default: .cache/gendd/benchmarks/...)"
+    )
+    parser.add_argument("--results-dir", default=None, help="tables/plots (default: benchmarks/results)")
+    parser.add_argument("--fresh", action="store_true", help="delete the runs folder first")
+    args = parser.parse_args()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    runs_root = (
+        Path(args.runs_dir)
+        if args.runs_dir
+        else SCRATCH / ("digits_methods_quick" if args.quick else "digits_methods")
+    )
+    if args.fresh and runs_root.exists():
+        shutil.rmtree(runs_root)
+    extra = ["trainer.epochs=2"] if args.quick else []
+    out = results_dir(args.quick, args.results_dir)
+
+    start = time.perf_counter()
+    walls = {exp: run_method(exp, seeds, runs_root / exp.replace("/", "_"), extra) for exp, _ in METHODS}
+    total = time.perf_counter() - start
+    records, teacher = summarise(runs_root, seeds)
+    markdown = render(records, teacher)
+    sum_runs = sum(s for rec in records for s in rec["elapsed_s"] if s is not None)
+    markdown += f"\nTotal training time (sum of per-run elapsed_s): {sum_runs / 60:.1f} min."
+    data = {
+        "benchmark": "digits_methods",
+        "quick": args.quick,
+        "seeds": seeds,
+        "overrides": extra,
+        "runs_dir": str(runs_root),
+        "teacher_test_acc": teacher["acc"],
+        "methods": records,
+        "wall_s_this_invocation": {"total": round(total, 1), **{k: round(v, 1) for k, v in walls.items()}},
+        "sum_run_elapsed_s": round(sum_runs, 1),
+        "machine": machine_info(),
+    }
+    write_outputs(out, "digits_methods", markdown, data)
+    plot(records, teacher, out / "digits_methods.png")
+    print(f"wrote {out / 'digits_methods.png'}")
+
+
+if __name__ == "__main__":
+    main()

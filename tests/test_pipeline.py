@@ -1,0 +1,71 @@
+"""End-to-end pipeline behaviour on tiny digits runs: run dir contents, teacher cache, precision, loggers."""
+
+import json
+
+import pytest
+import torch
+
+from gendd_framework.errors import ConfigError
+from gendd_framework.pipeline import run
+
+TINY = ["trainer.epochs=1", "data.train_fraction=0.3"]
+
+
+def test_run_dir_has_metrics_summary_checkpoints_and_plot(compose, tmp_path):
+    summary = run(compose(["method=kd", *TINY, "logger=tensorboard"]), tmp_path)
+    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "student.pt", "plots/curves.png",
+                 "checkpoints/distill_last.pt", "checkpoints/distill_best.pt"):
+        assert (tmp_path / name).exists(), name
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    distill = [r for r in rows if r["stage"] == "distill"]
+    assert {"train/loss", "train/ce", "train/kd_kl", "lr", "epoch_time_s"} <= set(distill[0])
+    assert any("val/acc/student" in r for r in rows) and any("test/acc/student" in r for r in rows)
+    assert summary["teacher"]["test"]["acc/student"] > 80
+    assert json.loads((tmp_path / "summary.json").read_text())["distill"]["test"] == summary["distill"]["test"]
+
+
+def test_teacher_is_trained_once_then_reused(compose, tmp_path):
+    first = run(compose(["method=ce", *TINY, "teacher.train.epochs=2"]), tmp_path / "a")
+    second = run(compose(["method=ce", *TINY, "teacher.train.epochs=2"]), tmp_path / "b")
+    assert first["teacher"]["source"].startswith(("trained:", "cache:"))
+    assert second["teacher"]["source"].startswith("cache:")
+    assert second["teacher"]["test"] == first["teacher"]["test"]
+
+
+def test_missing_teacher_weights_file_is_a_clear_error(compose, tmp_path):
+    missing = tmp_path / "teacher.pth"
+    with pytest.raises(ConfigError, match=f"checkpoint file not found: {missing}"):
+        run(compose(["method=kd", *TINY, f"teacher.weights={missing}"]), tmp_path / "run")
+
+
+def test_teacher_weights_from_a_local_file_are_used(compose, tmp_path):
+    from gendd_framework.models import build_model
+
+    teacher = build_model(compose().teacher.model, num_classes=10)
+    torch.save(teacher.state_dict(), tmp_path / "t.pth")
+    summary = run(compose(["method=kd", *TINY, f"teacher.weights={tmp_path / 't.pth'}"]), tmp_path / "run")
+    assert summary["teacher"]["source"] == str(tmp_path / "t.pth")
+    assert summary["teacher"]["test"]["acc/student"] < 40  # random weights really were loaded
+
+
+def test_bf16_autocast_runs_on_cpu(compose, tmp_path):
+    summary = run(compose(["method=kd", *TINY, "trainer.precision=bf16"]), tmp_path)
+    assert summary["distill"]["test"]["acc/student"] > 20
+
+
+def test_same_config_and_seed_give_the_same_result(compose, tmp_path):
+    a = run(compose(["method=kd", *TINY, "seed=3"]), tmp_path / "a")
+    b = run(compose(["method=kd", *TINY, "seed=3"]), tmp_path / "b")
+    c = run(compose(["method=kd", *TINY, "seed=4"]), tmp_path / "c")
+    assert a["distill"]["val"] == b["distill"]["val"] and a["distill"]["test"] == b["distill"]["test"]
+    wa = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
+    wc = torch.load(tmp_path / "c" / "student.pt", weights_only=True)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+def test_bad_precision_and_stage_names_fail_early(compose, tmp_path):
+    with pytest.raises(ConfigError, match="precision"):
+        run(compose(["method=ce", *TINY, "trainer.precision=fp8"]), tmp_path / "a")
+    with pytest.raises(ConfigError, match="unknown stage 'distil'. Did you mean: 'distill'"):
+        run(compose(["method=ce", *TINY, "stages=[distil]"]), tmp_path / "b")
