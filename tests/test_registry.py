@@ -96,3 +96,38 @@ def test_missing_plugin_path_is_a_clear_error(tmp_path):
 
 def test_registry_folder_example_is_loaded():
     assert "mimic" in METHODS and "logit_mse" in LOSSES
+
+
+def test_entry_point_plugins_are_loaded(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    import gendd_framework.plugins as plugins
+
+    module = types.ModuleType("fake_ep_plugin")
+    exec(
+        "from gendd_framework.registry import LOSSES\n"
+        "@LOSSES.register('ep_loss')\n"
+        "def ep_loss():\n"
+        "    '''From an entry point.'''\n"
+        "    return 42\n",
+        module.__dict__,
+    )
+
+    class FakeEntryPoint:
+        value = "fake_ep_plugin"
+
+        def load(self):
+            sys.modules["fake_ep_plugin"] = module
+            return module
+
+    seen = {}
+
+    def fake_entry_points(group):
+        seen["group"] = group
+        return [FakeEntryPoint()]
+
+    monkeypatch.setattr(plugins, "entry_points", fake_entry_points)
+    load_plugins()
+    assert seen["group"] == "gendd_framework.plugins"
+    assert LOSSES.build("ep_loss") == 42
