@@ -98,26 +98,25 @@ def test_registry_folder_example_is_loaded():
     assert "mimic" in METHODS and "logit_mse" in LOSSES
 
 
-def test_entry_point_plugins_are_loaded(monkeypatch, tmp_path):
+def test_entry_point_plugins_are_loaded(monkeypatch):
     import sys
     import types
 
     import gendd_framework.plugins as plugins
 
-    module = types.ModuleType("fake_ep_plugin")
-    exec(
+    source = (
         "from gendd_framework.registry import LOSSES\n"
         "@LOSSES.register('ep_loss')\n"
         "def ep_loss():\n"
-        "    '''From an entry point.'''\n"
-        "    return 42\n",
-        module.__dict__,
+        "    return 42\n"
     )
 
     class FakeEntryPoint:
         value = "fake_ep_plugin"
 
-        def load(self):
+        def load(self):  # registration happens only when the entry point is loaded
+            module = types.ModuleType("fake_ep_plugin")
+            exec(source, module.__dict__)
             sys.modules["fake_ep_plugin"] = module
             return module
 
@@ -128,6 +127,7 @@ def test_entry_point_plugins_are_loaded(monkeypatch, tmp_path):
         return [FakeEntryPoint()]
 
     monkeypatch.setattr(plugins, "entry_points", fake_entry_points)
+    assert "ep_loss" not in LOSSES
     load_plugins()
     assert seen["group"] == "gendd_framework.plugins"
     assert LOSSES.build("ep_loss") == 42
