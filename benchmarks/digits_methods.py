@@ -150,8 +150,9 @@ def plot(records: list[dict[str, Any]], teacher: dict[str, Any], path: Path) -> 
         xs, ms, ss = [], [], []
         for i, rec in enumerate(records):
             if key == "student" and rec["experiment"] in UNTRAINED_FC:
-                ax.text(i + offset, 1, "fc untrained\n(no labels)", ha="center", va="bottom", fontsize=6,
-                        rotation=90, transform=ax.get_xaxis_transform())  # fmt: skip
+                note = "student fc untrained †"
+                ax.text(i + offset, 0.03, note, ha="center", va="bottom", fontsize=7, rotation=90,
+                        transform=ax.get_xaxis_transform())  # fmt: skip
             elif rec[key]:
                 m, s = mean_std(rec[key])
                 xs.append(i + offset), ms.append(m), ss.append(s)
@@ -169,7 +170,7 @@ def plot(records: list[dict[str, Any]], teacher: dict[str, Any], path: Path) -> 
     ax.set_xticks(range(len(records)), [r["label"].replace(" (", "\n(") for r in records], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Digits: student vs generative accuracy (mean ± std over seeds)")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

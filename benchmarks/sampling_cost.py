@@ -25,6 +25,12 @@ from gendd_framework.report import collect
 
 REFERENCE = ("ddpm", 100, 2.0, 1)  # sampler, steps, guidance, num_sampling: the training-time eval setting
 TOLERANCE = 0.5  # accuracy points
+COLOURS = {
+    ("ddpm", 1.0): "tab:blue",
+    ("ddpm", 2.0): "tab:red",
+    ("ddim", 1.0): "tab:cyan",
+    ("ddim", 2.0): "tab:orange",
+}  # one colour per (sampler, guidance); NS=5 dashed
 
 
 def find_run(runs_root: Path, seed: int = 0) -> Path:
@@ -113,7 +119,8 @@ def plot(rows: list[dict[str, Any]], student_acc: float, path: Path) -> None:
     groups = sorted({group_of(r) for r in rows})
     for sampler, g, ns in groups:
         sel = sorted((r for r in rows if group_of(r) == (sampler, g, ns)), key=lambda r: r["steps"])
-        style = {"ls": "-" if sampler == "ddpm" else "--", "marker": "o" if ns == 1 else "s"}
+        style = {"color": COLOURS[(sampler, g)], "ls": "-" if ns == 1 else "--",
+                 "marker": "o" if sampler == "ddpm" else "^", "ms": 4}  # fmt: skip
         label = f"{sampler.upper()} g={g:g} NS={ns}"
         steps = [r["steps"] for r in sel]
         ax.plot(steps, [r["acc_generative"] for r in sel], label=label, **style)

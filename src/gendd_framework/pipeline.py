@@ -23,7 +23,7 @@ from gendd_framework.data.base import DataSplits
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
-from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate
+from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate, optimizer_steps_per_epoch
 from gendd_framework.errors import ConfigError
 from gendd_framework.plugins import load_plugins
 from gendd_framework.registry import DATASETS, LOGGERS, OPTIMIZERS, SCHEDULERS, split_spec
@@ -123,7 +123,10 @@ def fit_method(
     groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
     optimizer = OPTIMIZERS.build({"name": opt_name, **opt_kwargs}, params=groups)
     scheduler = SCHEDULERS.build(
-        sched, optimizer=optimizer, steps_per_epoch=len(train_loader), epochs=trainer.epochs
+        sched,
+        optimizer=optimizer,
+        steps_per_epoch=optimizer_steps_per_epoch(len(train_loader), trainer.accum_steps),
+        epochs=trainer.epochs,
     )
     loop = Trainer(
         method,

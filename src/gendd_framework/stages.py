@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from gendd_framework import config as config_lib
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
+from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.trainer import evaluate
 from gendd_framework.errors import ConfigError
 from gendd_framework.methods.base import freeze
@@ -29,6 +30,7 @@ def teacher_cache_key(ctx: RunContext) -> str:
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
         "train": OmegaConf.to_container(cfg.teacher.train, resolve=True),
+        "loop": {k: cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.teacher.model.name}-{digest}"
@@ -58,7 +60,10 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
             train = tcfg.train
             seed_everything(int(train.seed))
             method = METHODS.build({"name": "ce"}, student=model)
-            trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(train.epochs), resume=False)
+            # the run's `select` names the distill method's outputs, not the CE teacher's
+            trainer = config_lib.trainer_config(
+                ctx.cfg.trainer, epochs=int(train.epochs), resume=False, select=None
+            )
             fit = fit_method(
                 ctx,
                 method,
@@ -121,10 +126,16 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
         raise ConfigError("stage 'pretrain' needs a `pretrain:` config and a `teacher` stage before it")
     student = build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
     method = METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=ctx.models["teacher"])
-    trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(pcfg.epochs))
+    trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(pcfg.epochs), select=None)
     record = fit_method(
         ctx, method, "pretrain", optim=pcfg.optim, sched=pcfg.sched, trainer=trainer, seed=int(ctx.cfg.seed)
     )
+    handover = pcfg.get("handover", "last")
+    if handover not in ("last", "best"):
+        raise ConfigError(f"pretrain.handover must be 'last' or 'best', got '{handover}'")
+    if handover == "last":  # the official scripts start stage 2 from the last stage-1 weights
+        method.load_state_dict(load_checkpoint(ctx.ckpt_dir / "pretrain_last.pt")["method"])
+    record["handover"] = handover
     for p in student.parameters():  # the student's own head was frozen for this stage only
         p.requires_grad_(True)
     ctx.models["student"] = student

@@ -34,13 +34,12 @@ def cifar_eval(mean=CIFAR_STATS["cifar100"][0], std=CIFAR_STATS["cifar100"][1]):
 
 
 @TRANSFORMS.register("imagenet_train")
-def imagenet_train(size: int = 224, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1]):
-    """RandomResizedCrop + flip + normalise (torchvision reference recipe)."""
+def imagenet_train(size: int = 224, crop_scale: float = 0.08, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1]):
+    """RandomResizedCrop(scale=(crop_scale, 1)) + flip + normalise (GenDD's ImageNet stage 2 uses 0.6)."""
     import torchvision.transforms as T
 
-    return T.Compose(
-        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
-    )
+    crop = T.RandomResizedCrop(size, scale=(crop_scale, 1.0))
+    return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
 @TRANSFORMS.register("imagenet_eval")
@@ -95,6 +94,7 @@ def imagefolder(
     val_fraction: float = 0.01,
     split_seed: int = 0,
     size: int = 224,
+    crop_scale: float = 0.08,
 ):
     """ImageNet layout (`root/train/<class>/*`, `root/val/<class>/*`); `val/` is the test split, and
     model selection uses a stratified `val_fraction` carved from `train/`."""
@@ -103,7 +103,7 @@ def imagefolder(
     root_path = Path(root).expanduser()
     for sub in (train_dir, test_dir):
         _require(root_path / sub, f"image folder '{sub}/' (one sub-folder per class)")
-    train_aug = torchvision.datasets.ImageFolder(str(root_path / train_dir), imagenet_train(size))
+    train_aug = torchvision.datasets.ImageFolder(str(root_path / train_dir), imagenet_train(size, crop_scale))
     train_plain = torchvision.datasets.ImageFolder(str(root_path / train_dir), imagenet_eval(size))
     test = torchvision.datasets.ImageFolder(str(root_path / test_dir), imagenet_eval(size))
     train, val = carve(train_aug, train_plain, train_aug.targets, val_fraction, split_seed)

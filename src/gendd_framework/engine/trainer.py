@@ -41,6 +41,11 @@ class TrainerConfig:
     select: str | None = None  # metric used for "best"; default: acc of the method's primary output
 
 
+def optimizer_steps_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimizer updates per epoch: schedules advance once per update, not per micro-batch."""
+    return -(-batches // max(1, accum_steps))
+
+
 def autocast_context(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -138,7 +143,9 @@ class Trainer:
             self.restore(self.path("last"))
             if jsonl is not None:
                 truncate_jsonl(jsonl, self.stage, self.step)
-        total_steps = self.cfg.epochs * len(self.train_loader)
+        total_steps = self.cfg.epochs * optimizer_steps_per_epoch(
+            len(self.train_loader), self.cfg.accum_steps
+        )
         while self.epoch < self.cfg.epochs:
             self.train_one_epoch(total_steps)
             self.epoch += 1
