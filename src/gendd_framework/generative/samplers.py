@@ -61,6 +61,40 @@ class _Sampler:
             self._respaced = cached
         return cached[2]
 
+    @torch.no_grad()
+    def sample(
+        self,
+        diffusion: GaussianDiffusion,
+        model_fn: ModelFn,
+        shape: Sequence[int],
+        *,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
+        chain = self.respaced(diffusion)
+        x, out_dtype = self._start(shape, generator, device, dtype, noise, model_fn, guidance_scale)
+        for i in reversed(range(chain.num_timesteps)):
+            t = self._timestep(i, x)
+            output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
+            x = self._update(chain, chain.p_mean_variance(output, x, t), x, t, i, generator)
+        return x.to(out_dtype)
+
+    def _update(
+        self,
+        chain: GaussianDiffusion,
+        step: dict,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        i: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """x_{t-1} from the model's step statistics (sampler-specific)."""
+        raise NotImplementedError
+
     @staticmethod
     def _start(
         shape: Sequence[int],
@@ -114,32 +148,19 @@ class DDPMSampler(_Sampler):
         self.steps = steps
         self.temperature = float(temperature)
 
-    @torch.no_grad()
-    def sample(
+    def _update(
         self,
-        diffusion: GaussianDiffusion,
-        model_fn: ModelFn,
-        shape: Sequence[int],
-        *,
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        noise: torch.Tensor | None = None,
+        chain: GaussianDiffusion,
+        step: dict,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        i: int,
+        generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
-        chain = self.respaced(diffusion)
-        x, out_dtype = self._start(shape, generator, device, dtype, noise, model_fn, guidance_scale)
-        for i in reversed(range(chain.num_timesteps)):
-            t = self._timestep(i, x)
-            output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
-            step = chain.p_mean_variance(output, x, t)
-            if i > 0:
-                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = step["mean"] + torch.exp(0.5 * step["log_variance"]) * (self.temperature * eps)
-            else:
-                x = step["mean"]
-        return x.to(out_dtype)
+        if i == 0:
+            return step["mean"]
+        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return step["mean"] + torch.exp(0.5 * step["log_variance"]) * (self.temperature * eps)
 
 
 @SAMPLERS.register("ddim")
@@ -157,37 +178,23 @@ class DDIMSampler(_Sampler):
         self.steps = steps
         self.eta = float(eta)
 
-    @torch.no_grad()
-    def sample(
+    def _update(
         self,
-        diffusion: GaussianDiffusion,
-        model_fn: ModelFn,
-        shape: Sequence[int],
-        *,
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        noise: torch.Tensor | None = None,
+        chain: GaussianDiffusion,
+        step: dict,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        i: int,
+        generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
-        chain = self.respaced(diffusion)
-        x, out_dtype = self._start(shape, generator, device, dtype, noise, model_fn, guidance_scale)
-        for i in reversed(range(chain.num_timesteps)):
-            t = self._timestep(i, x)
-            output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
-            step = chain.p_mean_variance(output, x, t)
-            ac = chain.coef("alphas_cumprod", t, step["eps"])
-            ac_prev = chain.coef("alphas_cumprod_prev", t, step["eps"])
-            sigma = self.eta * torch.sqrt((1.0 - ac_prev) / (1.0 - ac)) * torch.sqrt(1.0 - ac / ac_prev)
-            mean = (
-                step["pred_xstart"] * torch.sqrt(ac_prev) + torch.sqrt(1.0 - ac_prev - sigma**2) * step["eps"]
-            )
-            if i > 0 and self.eta > 0:
-                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                mean = mean + sigma * eps
-            x = mean
-        return x.to(out_dtype)
+        ac = chain.coef("alphas_cumprod", t, step["eps"])
+        ac_prev = chain.coef("alphas_cumprod_prev", t, step["eps"])
+        sigma = self.eta * torch.sqrt((1.0 - ac_prev) / (1.0 - ac)) * torch.sqrt(1.0 - ac / ac_prev)
+        mean = step["pred_xstart"] * torch.sqrt(ac_prev) + torch.sqrt(1.0 - ac_prev - sigma**2) * step["eps"]
+        if i > 0 and self.eta > 0:
+            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            mean = mean + sigma * eps
+        return mean
 
 
 def _accepts_guided(model_fn: ModelFn) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gendd_framework.models.init import init_conv_bn
 from gendd_framework.registry import MODELS
 
 # (expansion t, output channels c, repeats n, first stride s), before the width multiplier.
@@ -73,15 +74,7 @@ class MobileNetV2Cifar(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = last
         self.classifier = nn.Linear(last, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_conv_bn(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gendd_framework.models.init import init_conv_bn
 from gendd_framework.registry import MODELS
 
 
@@ -89,20 +90,10 @@ class CifarResNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = cin
         self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
-
-
-def _init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convs (fan-out, ReLU) and unit-scale BN: the usual ResNet recipe."""
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 def _basic(depth: int, stem: int, widths: list[int], num_classes: int) -> CifarResNet:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendd_framework.models.init import init_conv_bn
 from gendd_framework.registry import MODELS
 
 
@@ -25,15 +26,6 @@ def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1)
     return nn.Sequential(
         nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)
     )
-
-
-def _init_weights(model: nn.Module) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------- V1 --
@@ -78,7 +70,7 @@ class ShuffleNetV1(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = cin
         self.fc = nn.Linear(cin, num_classes)
-        _init_weights(self)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.units(self.stem(x))), 1))
@@ -143,7 +135,7 @@ class ShuffleNetV2(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = last
         self.fc = nn.Linear(last, num_classes)
-        _init_weights(self)
+        init_conv_bn(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.head(self.units(self.stem(x)))
