@@ -13,8 +13,15 @@ TINY = ["trainer.epochs=1", "data.train_fraction=0.3"]
 
 def test_run_dir_has_metrics_summary_checkpoints_and_plot(compose, tmp_path):
     summary = run(compose(["method=kd", *TINY, "logger=tensorboard"]), tmp_path)
-    for name in ("metrics.jsonl", "metrics.csv", "summary.json", "student.pt", "plots/curves.png",
-                 "checkpoints/distill_last.pt", "checkpoints/distill_best.pt"):
+    for name in (
+        "metrics.jsonl",
+        "metrics.csv",
+        "summary.json",
+        "student.pt",
+        "plots/curves.png",
+        "checkpoints/distill_last.pt",
+        "checkpoints/distill_best.pt",
+    ):
         assert (tmp_path / name).exists(), name
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
