@@ -110,7 +110,7 @@ def test_cifar_recipe_settings_match_the_spec(teacher, student, lam, mul, tokens
     )
     s = cfg.sched
     assert (s.name, list(s.milestones), s.gamma, s.warmup_epochs) == ("multistep", [150, 180, 210], 0.1, 50)
-    assert cfg.trainer.epochs == 240 and cfg.trainer.select is None  # None = acc/generative for gendd
+    assert cfg.trainer.epochs == 240 and cfg.trainer.select == "acc/generative"
     assert list(cfg.stages) == ["teacher", "pretrain", "distill"]
     p = cfg.pretrain
     assert (p.epochs, p.optim.name, p.optim.lr, p.optim.weight_decay) == (50, "adamw", 3e-3, 5e-2)
