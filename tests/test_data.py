@@ -76,3 +76,18 @@ def test_imagefolder_reads_local_images_and_carves_val(tmp_path):
     assert splits.num_classes == 2 and len(splits.val) == 4 and len(splits.train) == 16
     x, y = splits.val[0]
     assert x.shape == (3, 32, 32)
+
+
+def test_random_shift_moves_pixels_and_zero_fills():
+    from gendd_framework.data.digits import RandomShift
+
+    x = torch.arange(1.0, 17.0).view(1, 4, 4)
+    for seed in range(3):  # seeds 0..2 draw the shifts (1, -1), (0, 1), (-1, -1)
+        g = torch.Generator().manual_seed(seed)
+        dy, dx = torch.randint(-1, 2, (2,), generator=torch.Generator().manual_seed(seed)).tolist()
+        out = RandomShift(max_shift=1, noise_std=0.0, generator=g)(x.clone())
+        expected = torch.zeros_like(x)
+        src = x[..., max(0, -dy) : 4 - max(0, dy), max(0, -dx) : 4 - max(0, dx)]
+        expected[..., max(0, dy) : 4 - max(0, -dy), max(0, dx) : 4 - max(0, -dx)] = src
+        assert torch.equal(out, expected), (seed, dy, dx)
+        assert (dy, dx) == (0, 0) or not torch.equal(out, x)

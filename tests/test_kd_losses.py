@@ -78,3 +78,15 @@ def test_kd_method_combines_terms_with_weights():
     assert torch.allclose(out["loss"], 0.3 * out["ce"] + 0.7 * out["kd_kl"])
     assert not teacher.training, "the teacher must stay in eval mode"
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_feature_mse_matches_manual_mean_and_rejects_shape_mismatch():
+    from gendd_framework.errors import ConfigError
+    from gendd_framework.registry import LOSSES
+
+    term = LOSSES.build("feature_mse")
+    fs, ft = torch.arange(6.0).view(2, 3), torch.ones(2, 3)
+    expected = sum((a - 1.0) ** 2 for a in range(6)) / 6
+    assert term({"feature": fs}, {"feature": ft}, None).item() == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="equal feature shapes"):
+        term({"feature": fs}, {"feature": torch.ones(2, 4)}, None)

@@ -46,3 +46,14 @@ def test_adamw_param_groups_keep_their_weight_decay():
         params=[{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
     )
     assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+
+
+def test_constant_schedule_warms_up_linearly_then_holds():
+    got = lrs("constant", 8, steps_per_epoch=2, epochs=4, warmup_epochs=2)
+    assert got == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_beta2_ramp_is_applied_only_through_the_optimizer_hook():
+    p = torch.nn.Parameter(torch.zeros(1))
+    plain = OPTIMIZERS.build({"name": "adamw", "betas": [0.9, 0.99]}, params=[p])
+    assert not hasattr(plain, "before_step")
