@@ -21,6 +21,7 @@ from typing import Any
 
 from _common import (
     BIN,
+    ROOT,
     SCRATCH,
     fmt_ms,
     machine_info,
@@ -43,11 +44,8 @@ METHODS = [
 ]
 # No labels and ce_weight 0: the student's own fc is never trained, its logits are chance level.
 UNTRAINED_FC = {"digits/gendd_unsup"}
-STUDENT, GENERATIVE, TEACHER = (
-    "distill/test/acc/student",
-    "distill/test/acc/generative",
-    "teacher/test/acc/student",
-)
+STUDENT, GENERATIVE = "distill/test/acc/student", "distill/test/acc/generative"
+TEACHER = "teacher/test/acc/student"
 
 
 def run_method(experiment: str, seeds: list[int], sweep_dir: Path, extra: list[str]) -> float:
@@ -68,11 +66,13 @@ def run_method(experiment: str, seeds: list[int], sweep_dir: Path, extra: list[s
     ]  # fmt: skip
     print(f"[{experiment}] seeds {todo}: {' '.join(cmd)}", flush=True)
     start = time.perf_counter()
-    log = sweep_dir / f"{stamp}.log"
+    log, meta = sweep_dir / f"{stamp}.log", sweep_dir / f"{stamp}.meta.json"
     log.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps({"git_head": git_head(), "cmd": cmd}))
     with log.open("w") as fh:
         proc = subprocess.run(cmd, env=train_env(), stdout=fh, stderr=subprocess.STDOUT, check=False)
     elapsed = time.perf_counter() - start
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "wall_s": round(elapsed, 1)}))
     if proc.returncode:
         sys.exit(f"[{experiment}] gendd-train failed (rc={proc.returncode}); see {log}")
     print(f"[{experiment}] done in {elapsed:.0f} s", flush=True)
@@ -85,35 +85,47 @@ def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], 
     for experiment, label in METHODS:
         rows = [r for r in collect(runs_root / experiment.replace("/", "_")) if r["seed"] in seeds]
         rows.sort(key=lambda r: r["seed"])
-        rec: dict[str, Any] = {
-            "experiment": experiment,
-            "label": label,
-            "name": rows[0]["name"] if rows else None,
-        }
-        rec["seeds"] = [r["seed"] for r in rows]
+        rec: dict[str, Any] = {"experiment": experiment, "label": label, "seeds": [r["seed"] for r in rows]}
         rec["student"] = [r[STUDENT] for r in rows if STUDENT in r]
         rec["generative"] = [r[GENERATIVE] for r in rows if GENERATIVE in r]
-        rec["elapsed_s"] = [
-            json.loads((Path(r["run_dir"]) / "summary.json").read_text()).get("elapsed_s") for r in rows
-        ]
+        summaries = [json.loads((Path(r["run_dir"]) / "summary.json").read_text()) for r in rows]
+        rec["elapsed_s"] = [sm.get("elapsed_s") for sm in summaries]
+        # which cached teacher (file name = config hash) and which code (git HEAD at launch) each run used
+        rec["teacher"] = [Path(sm["teacher"]["source"].split(":", 1)[-1]).stem for sm in summaries]
+        metas = {str(Path(r["run_dir"]).parent): sweep_meta(Path(r["run_dir"])) for r in rows}
+        rec["git_head"] = [metas[str(Path(r["run_dir"]).parent)].get("git_head") for r in rows]
+        rec["sweep_wall_s"] = sum(m.get("wall_s") or 0 for m in metas.values()) or None
         records.append(rec)
-        for r in rows:
-            if TEACHER in r:
-                teacher.setdefault("acc", set()).add(round(r[TEACHER], 4))
-    teacher["acc"] = sorted(teacher.get("acc", []))
+        for r, key in zip(rows, rec["teacher"], strict=True):
+            teacher[key] = round(r[TEACHER], 2)
     return records, teacher
 
 
+def git_head() -> str:
+    cmd = ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def same_code(heads: list[str]) -> str:
+    """Whether the commits differ in anything that shapes a digits run (src/ and the configs it uses)."""
+    if len(heads) < 2 or "unknown" in heads:
+        return ""
+    paths = ["src", "conf/experiment/digits", "conf/method", "conf/data", "conf/teacher", "conf/student",
+             "conf/trainer", "conf/optim", "conf/sched", "conf/train.yaml"]  # fmt: skip
+    cmd = ["git", "-C", str(ROOT), "diff", "--quiet", heads[0], heads[-1], "--", *paths]
+    rc = subprocess.run(cmd, check=False).returncode
+    return " (no difference in src/ or the digits configs between them)" if rc == 0 else " (code DIFFERS)"
+
+
+def sweep_meta(run_dir: Path) -> dict[str, Any]:
+    path = run_dir.parent.parent / f"{run_dir.parent.name}.meta.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def render(records: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
-    header = [
-        "method",
-        "runs",
-        "student acc (%)",
-        "generative acc (%)",
-        "student per seed",
-        "generative per seed",
-        "s/run",
-    ]
+    header = ["method", "runs", "student acc (%)", "generative acc (%)", "student per seed",
+              "generative per seed", "s/run"]  # fmt: skip
     rows = []
     dag = lambda rec: " †" if rec["experiment"] in UNTRAINED_FC else ""  # noqa: E731
     for rec in records:
@@ -124,16 +136,23 @@ def render(records: list[dict[str, Any]], teacher: dict[str, Any]) -> str:
             per(rec["student"]) + dag(rec), per(rec["generative"]),
             f"{sum(secs) / len(secs):.0f}" if secs else "–",
         ])  # fmt: skip
-    teacher_txt = ", ".join(f"{a:.2f}" for a in teacher["acc"]) or "–"
+    teacher_txt = ", ".join(f"`{k}` → {a:.2f}" for k, a in teacher.items()) or "–"
+    if len(teacher) > 1:
+        teacher_txt += " — WARNING: runs used different teachers, rows are not comparable"
+    heads = sorted({h or "unknown" for rec in records for h in rec["git_head"]})
     notes = [
         "Test accuracy (%) on sklearn digits (25% test split, 449 images), best-on-val checkpoint,",
         "mean ± sample std over seeds. `student` = the student's own classifier logits; `generative` =",
         "teacher head on GenDD-sampled features (DDPM 100 steps, guidance 2, 1 sample).",
         "Unsupervised rows use no labels for the student (the teacher was trained with labels).",
+        "s/run = mean wall-clock `elapsed_s` per run (shared 2-core machine, so only indicative).",
+        "",
         "† unsupervised GenDD trains no student classifier (no labels, ce_weight 0): its `student`",
         "logits come from the randomly initialised fc and are chance level by construction;",
         "judge that row by `generative`.",
-        f"Teacher (small_cnn, cached, same for all runs) test accuracy: {teacher_txt}.",
+        "",
+        f"- Teacher (small_cnn, cache key → test acc): {teacher_txt}.",
+        f"- Code (git HEAD at launch): {', '.join(heads)}{same_code(heads)}.",
     ]
     return "## Digits: accuracy per method\n\n" + md_table(header, rows) + "\n\n" + "\n".join(notes)
 
@@ -157,10 +176,12 @@ def plot(records: list[dict[str, Any]], teacher: dict[str, Any], path: Path) -> 
                 m, s = mean_std(rec[key])
                 xs.append(i + offset), ms.append(m), ss.append(s)
         ax.bar(xs, ms, width, yerr=ss, capsize=4, label=f"{key} logits", color=colour)
-        for x, m in zip(xs, ms, strict=True):
-            ax.text(x, m + 0.3, f"{m:.1f}", ha="center", va="bottom", fontsize=7)
-    if teacher["acc"]:
-        ax.axhline(teacher["acc"][0], color="k", ls="--", lw=1, label="teacher")
+        for x, m, sd in zip(xs, ms, ss, strict=True):
+            ax.text(x, m + sd + 0.1, f"{m:.2f}", ha="center", va="bottom", fontsize=7)
+    if teacher:
+        ax.axhline(
+            max(teacher.values()), color="k", ls="--", lw=1, label=f"teacher ({max(teacher.values()):.2f})"
+        )
     lows = [
         v
         for rec in records
@@ -186,6 +207,7 @@ def main() -> None:
         "--runs-dir", default=None, help="run directories (default: .cache/gendd/benchmarks/...)"
     )
     parser.add_argument("--results-dir", default=None, help="tables/plots (default: benchmarks/results)")
+    parser.add_argument("--methods", nargs="+", default=None, help="train only these, e.g. ce gendd")
     parser.add_argument("--fresh", action="store_true", help="delete the runs folder first")
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -200,19 +222,24 @@ def main() -> None:
     out = results_dir(args.quick, args.results_dir)
 
     start = time.perf_counter()
-    walls = {exp: run_method(exp, seeds, runs_root / exp.replace("/", "_"), extra) for exp, _ in METHODS}
+    chosen = [e for e, _ in METHODS if args.methods is None or e.split("/")[1] in args.methods]
+    walls = {exp: run_method(exp, seeds, runs_root / exp.replace("/", "_"), extra) for exp in chosen}
     total = time.perf_counter() - start
     records, teacher = summarise(runs_root, seeds)
     markdown = render(records, teacher)
     sum_runs = sum(s for rec in records for s in rec["elapsed_s"] if s is not None)
-    markdown += f"\nTotal training time (sum of per-run elapsed_s): {sum_runs / 60:.1f} min."
+    sweeps = sum(rec["sweep_wall_s"] or 0 for rec in records)
+    markdown += (
+        f"\n- Training time: {sum_runs / 60:.1f} min summed over runs (`elapsed_s`); "
+        f"{sweeps / 60:.1f} min of `gendd-train -m` wall clock summed over the method sweeps."
+    )
     data = {
         "benchmark": "digits_methods",
         "quick": args.quick,
         "seeds": seeds,
         "overrides": extra,
         "runs_dir": str(runs_root),
-        "teacher_test_acc": teacher["acc"],
+        "teacher_test_acc": teacher,
         "methods": records,
         "wall_s_this_invocation": {"total": round(total, 1), **{k: round(v, 1) for k, v in walls.items()}},
         "sum_run_elapsed_s": round(sum_runs, 1),
