@@ -37,3 +37,16 @@ def compose(cache_dir):
             return hydra_compose(config_name="train", overrides=[*FAST, *overrides, *extra])
 
     return _compose
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Single-threaded torch for the generative unit tests: on a shared 2-core box, intra-op thread
+    barriers cost 10-40x wall time for their small tensors."""
+    if not request.node.fspath.basename.startswith("test_generative_"):
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

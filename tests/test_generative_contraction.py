@@ -15,15 +15,6 @@ from gendd_framework.generative.tokenizers import IdentityTokenizer, SplitTokeni
 from gendd_framework.registry import TOKENIZERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: on a shared 2-core box, intra-op thread barriers cost 10-40x wall time."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # -- tokenizers ---------------------------------------------------------------------------------------
 def test_split_tokenizer_round_trip_and_chunk_order():
     tok = SplitTokenizer(feature_dim=512, token_dim=64)

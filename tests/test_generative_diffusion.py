@@ -12,16 +12,6 @@ from gendd_framework.errors import ConfigError
 from gendd_framework.generative.diffusion import GaussianDiffusion
 from gendd_framework.registry import OBJECTIVES
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: on a shared 2-core box, intra-op thread barriers cost 10-40x wall time."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 T = 1000
 
 

@@ -12,15 +12,6 @@ from gendd_framework.generative.head import MLPAdaLNHead, timestep_embedding
 from gendd_framework.registry import HEADS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: on a shared 2-core box, intra-op thread barriers cost 10-40x wall time."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _randomise(head: MLPAdaLNHead, seed: int = 0) -> MLPAdaLNHead:
     """Perturb every parameter so the zero-initialised paths are exercised."""
     g = torch.Generator().manual_seed(seed)

@@ -20,16 +20,6 @@ from gendd_framework.generative.diffusion import GaussianDiffusion
 from gendd_framework.generative.samplers import DDIMSampler, DDPMSampler, guided_model_output
 from gendd_framework.registry import SAMPLERS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: on a shared 2-core box, intra-op thread barriers cost 10-40x wall time."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 MU = torch.tensor([1.5, -0.5, 0.2, 3.0], dtype=torch.float64)
 SIGMA = torch.tensor([0.5, 1.0, 2.0, 0.1], dtype=torch.float64)
 
