@@ -77,3 +77,27 @@ def test_bad_precision_and_stage_names_fail_early(compose, tmp_path):
         run(compose(["method=ce", *TINY, "trainer.precision=fp8"]), tmp_path / "a")
     with pytest.raises(ConfigError, match="unknown stage 'distil'. Did you mean: 'distill'"):
         run(compose(["method=ce", *TINY, "stages=[distil]"]), tmp_path / "b")
+
+
+def test_frozen_student_classifier_keeps_its_initial_weights(compose, tmp_path):
+    """`student.freeze: [classifier]` (the official unsupervised KL baseline): the fc never moves while
+    the backbone trains; a one-epoch and a two-epoch run share the fc but not the backbone."""
+    from gendd_framework.engine.checkpoint import load as load_checkpoint
+
+    states = []
+    for epochs in (1, 2):
+        overrides = ["experiment=digits/kd_unsup_frozen_fc", *TINY, f"trainer.epochs={epochs}"]
+        run(compose(overrides), tmp_path / f"e{epochs}")
+        states.append(load_checkpoint(tmp_path / f"e{epochs}" / "checkpoints" / "distill_last.pt")["method"])
+    fc = [k for k in states[0] if k.startswith("student.") and k.endswith("fc.weight")]
+    backbone = [k for k in states[0] if k.startswith("student.") and k.endswith(".weight") and k not in fc]
+    assert fc and backbone
+    assert all(torch.equal(states[0][k], states[1][k]) for k in fc)
+    assert not all(torch.equal(states[0][k], states[1][k]) for k in backbone)
+
+
+def test_freezing_an_unknown_module_names_the_close_ones():
+    from gendd_framework.models import build_model
+
+    with pytest.raises(ConfigError, match=r"cannot freeze 'fcc'.*Did you mean: fc"):
+        build_model({"name": "mlp", "in_features": 64, "hidden": [8], "freeze": ["fcc"]}, num_classes=10)

@@ -125,6 +125,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     if pcfg is None or "teacher" not in ctx.models:
         raise ConfigError("stage 'pretrain' needs a `pretrain:` config and a `teacher` stage before it")
     student = build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
     method = METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=ctx.models["teacher"])
     trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(pcfg.epochs), select=None)
     record = fit_method(
@@ -136,7 +137,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     if handover == "last":  # the official scripts start stage 2 from the last stage-1 weights
         method.load_state_dict(load_checkpoint(ctx.ckpt_dir / "pretrain_last.pt")["method"])
     record["handover"] = handover
-    for p in student.parameters():  # the student's own head was frozen for this stage only
-        p.requires_grad_(True)
+    for name, p in student.named_parameters():  # the student's own head was frozen for this stage only
+        p.requires_grad_(name in trainable)
     ctx.models["student"] = student
     return record
