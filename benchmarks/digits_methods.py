@@ -4,7 +4,7 @@ Each method is one `gendd-train -m experiment=digits/<name> seed=...` multirun i
 (checkpoints stay out of git); the summaries are aggregated into results/digits_methods.{md,json,png}.
 Seeds whose summary already exists are not retrained, so an interrupted run can simply be restarted.
 
-    python benchmarks/digits_methods.py            # 6 methods x 3 seeds, ~25 min on 2 CPU cores
+    python benchmarks/digits_methods.py            # 7 methods x 3 seeds, ~25 min on 2 CPU cores
     python benchmarks/digits_methods.py --quick    # 1 seed, 2 epochs: a smoke test (~2 min)
 """
 
@@ -39,6 +39,7 @@ METHODS = [
     ("digits/kd", "KD (Hinton)"),
     ("digits/gendd", "GenDD supervised"),
     ("digits/kd_unsup", "unsupervised KL (no labels)"),
+    ("digits/kd_unsup_frozen_fc", "unsupervised KL, fc frozen at init (official baseline)"),
     ("digits/gendd_unsup", "GenDD unsupervised (no labels)"),
     ("digits/gendd_naive", "naive GenDD (1 token)"),
 ]
