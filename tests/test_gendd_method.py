@@ -187,6 +187,50 @@ def test_unsupervised_has_no_ce_and_targets_the_teacher_feature(monkeypatch):
         torch.testing.assert_close(copy, feature.reshape(BATCH, 2, 64))
 
 
+def test_target_scale_scales_the_diffusion_target_and_unscales_the_samples(monkeypatch):
+    method = make_method(lam=0.25, mixup_beta=0.0, diffusion_batch_mul=1, target_scale=4.0)
+    seen = capture_targets(method, monkeypatch)
+    method.train()
+    x, y = batch()
+    with torch.no_grad():
+        feature = method.teacher(x)["feature"]
+    method.training_step((x, y))
+    expected = 4.0 * (0.75 * feature + 0.25 * method.teacher.classifier.weight[y])
+    torch.testing.assert_close(seen[0][0], expected.reshape(BATCH, 2, 64))
+    # sampling: whatever the chain returns in scaled units comes back divided by the scale
+    tokens = torch.randn(1, BATCH, 2, 64)
+    monkeypatch.setattr(method.sampler, "sample", lambda *args, **kwargs: tokens)
+    z = torch.zeros(BATCH, method.student.feature_dim)
+    torch.testing.assert_close(method.sample_features(z), tokens.reshape(1, BATCH, 128) / 4.0)
+    with pytest.raises(ConfigError, match="target_scale must be a number > 0 or 'auto'"):
+        make_method(target_scale=0.0)
+
+
+def test_auto_target_scale_is_one_over_rms_of_the_first_batch_and_is_saved(monkeypatch):
+    method = make_method(lam=0.5, mixup_beta=0.0, diffusion_batch_mul=1, target_scale="auto")
+    perturb_head(method)
+    z = torch.zeros(BATCH, method.student.feature_dim)
+    with pytest.raises(ConfigError, match="measured on the first training batch"):
+        method.sample_features(z)
+    seen = capture_targets(method, monkeypatch)
+    method.train()
+    x, y = batch()
+    with torch.no_grad():
+        x0 = 0.5 * method.teacher(x)["feature"] + 0.5 * method.teacher.classifier.weight[y]
+    method.training_step((x, y))
+    expected = x0.double().pow(2).mean().rsqrt().item()
+    assert method.target_scale.item() == pytest.approx(expected, rel=1e-5)
+    assert seen[0].pow(2).mean().item() == pytest.approx(1.0, rel=1e-4)  # the head sees unit RMS
+    method.training_step(batch(1))  # measured once, not per batch
+    assert method.target_scale.item() == pytest.approx(expected, rel=1e-5)
+    fresh = make_method(lam=0.5, target_scale="auto")
+    fresh.load_state_dict(method.state_dict())  # evaluation/resume reuse the trained scale
+    assert fresh.target_scale.item() == pytest.approx(expected, rel=1e-5)
+    old = {k: v for k, v in method.state_dict().items() if k != "target_scale"}
+    fresh.load_state_dict(old)  # checkpoints from before the option: unscaled targets
+    assert fresh.target_scale.item() == 1.0
+
+
 # -- prediction -----------------------------------------------------------------------------------
 def test_predict_outputs_and_generative_logits_are_teacher_head_of_mean_sample():
     method = make_method(num_sampling=3)

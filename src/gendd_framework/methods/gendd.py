@@ -55,6 +55,7 @@ class GenDD(Method):
         num_sampling: int = 1,
         eval_seed: int = 0,
         official_weight_decay: bool = False,
+        target_scale: float | str = 1.0,
     ) -> None:
         if teacher is None:
             raise ConfigError("method 'gendd' needs a teacher: add the `teacher` stage before `distill`")
@@ -63,6 +64,8 @@ class GenDD(Method):
             raise ConfigError(f"gendd without labels (use_labels=false) needs lam=0, got lam={lam}")
         if diffusion_batch_mul < 1 or num_sampling < 1:
             raise ConfigError("diffusion_batch_mul and num_sampling must be >= 1")
+        if target_scale != "auto" and not (isinstance(target_scale, (int, float)) and target_scale > 0):
+            raise ConfigError(f"target_scale must be a number > 0 or 'auto', got {target_scale!r}")
         teacher_dim, student_dim = self.teacher.feature_dim, self.student.feature_dim
         tok_name, tok_kwargs = split_spec(tokenizer or DEFAULT_TOKENIZER, "tokenizer")
         self.tokenizer = TOKENIZERS.build({"name": tok_name, **tok_kwargs}, feature_dim=teacher_dim)
@@ -91,6 +94,14 @@ class GenDD(Method):
             eval_seed,
         )
         self.official_weight_decay = official_weight_decay
+        # Diffusion runs on target_scale * x0 and samples are divided by it again (as latent diffusion
+        # scales its latents): features far smaller than the unit noise leave most timesteps at
+        # near-zero SNR, where a deterministic (DDIM eta=0) sampler needs an almost exact eps.
+        # 'auto' = 1/RMS(x0) of the first training batch. A buffer, so evaluation and resume reuse
+        # the scale the head was trained with (0 = not measured yet).
+        auto = target_scale == "auto"
+        self.register_buffer("target_scale", torch.tensor(0.0 if auto else float(target_scale)))
+        self._scale_checked = not auto
         self._sampling_generator: torch.Generator | None = None
 
     # -- training -------------------------------------------------------------------------------
@@ -100,9 +111,11 @@ class GenDD(Method):
         with torch.no_grad():
             f = self.teacher_outputs(x)["feature"].float()
             x0 = contract(f, y if self.use_labels else None, self.class_weight, self.lam)
+            if not self._scale_checked:
+                self._measure_target_scale(x0)
         z = self.norm(h.float())
         z, x0 = feature_mixup(z, x0, self.mixup_beta)
-        tokens = self.tokenizer.tokenize(x0)  # (B, n, k)
+        tokens = self.tokenizer.tokenize(x0 * self.target_scale)  # (B, n, k)
         rows = tokens.unsqueeze(0).expand(self.mul, *tokens.shape)  # (M, B, n, k): no copy
         drop = torch.rand(rows.shape[:-1], device=x.device) < self.cond_drop_prob
         # Call the head module itself (not a cached closure) so DDP wrappers see a forward.
@@ -118,6 +131,22 @@ class GenDD(Method):
             loss = loss + self.ce_weight * out["ce"]
         out["loss"] = loss
         return out
+
+    def _measure_target_scale(self, x0: torch.Tensor) -> None:
+        """Set an 'auto' scale (still 0) to 1/RMS(x0), averaged over ranks when distributed."""
+        if self.target_scale.item() <= 0:
+            mean_square = x0.float().pow(2).mean()
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(mean_square)
+                mean_square /= torch.distributed.get_world_size()
+            self.target_scale.fill_(float(mean_square.clamp_min(1e-12).rsqrt()))
+        self._scale_checked = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001, ANN002
+        # checkpoints written before target_scale existed trained on unscaled targets
+        state_dict.setdefault(prefix + "target_scale", torch.tensor(1.0))
+        self._scale_checked = False
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- evaluation -----------------------------------------------------------------------------
     def on_evaluate_start(self) -> None:
@@ -146,7 +175,10 @@ class GenDD(Method):
             generator=self._generator(z.device),
             device=z.device,
         )
-        return self.tokenizer.detokenize(tokens)
+        scale = float(self.target_scale)
+        if scale <= 0:
+            raise ConfigError("target_scale='auto' is measured on the first training batch; train first")
+        return self.tokenizer.detokenize(tokens) / scale
 
     def teacher_head(self, features: torch.Tensor) -> torch.Tensor:
         return F.linear(features, self.class_weight, self.class_bias)
@@ -167,6 +199,7 @@ class GenDD(Method):
             "guidance_scale": self.guidance_scale,
             "num_sampling": self.num_sampling,
             "eval_seed": self.eval_seed,
+            "target_scale": float(self.target_scale),
         }
 
     # -- optimisation ---------------------------------------------------------------------------
