@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ METHODS = [
     ("digits/kd", "KD (Hinton)"),
     ("digits/gendd", "GenDD supervised"),
     ("digits/kd_unsup", "unsupervised KL (no labels)"),
-    ("digits/kd_unsup_frozen_fc", "unsupervised KL, fc frozen at init (official baseline)"),
+    ("digits/kd_unsup_frozen_fc", "unsupervised KL, fc frozen at init (official)"),
     ("digits/gendd_unsup", "GenDD unsupervised (no labels)"),
     ("digits/gendd_naive", "naive GenDD (1 token)"),
 ]
@@ -203,7 +204,7 @@ def plot(records: list[dict[str, Any]], teacher: dict[str, Any], path: Path) -> 
         for v in rec["generative"] + ([] if rec["experiment"] in UNTRAINED_FC else rec["student"])
     ]
     ax.set_ylim(max(0.0, min(lows, default=5) - 5), 100.5)
-    ax.set_xticks(range(len(records)), [r["label"].replace(" (", "\n(") for r in records], fontsize=8)
+    ax.set_xticks(range(len(records)), [textwrap.fill(r["label"], 18) for r in records], fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Digits: student vs generative accuracy (mean ± std over seeds)")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
