@@ -160,15 +160,17 @@ def test_full_contraction_target_is_the_class_weight_row_replicated_m_times(monk
         torch.testing.assert_close(copy, expected)
 
 
-def test_partial_contraction_mixes_teacher_feature_and_class_row(monkeypatch):
-    method = make_method(lam=0.25, mixup_beta=0.0, diffusion_batch_mul=2)
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_partial_contraction_mixes_teacher_feature_and_class_row(monkeypatch, scale):
+    """The diffusion target is target_scale * ((1-lam) f + lam W[y])."""
+    method = make_method(lam=0.25, mixup_beta=0.0, diffusion_batch_mul=2, target_scale=scale)
     seen = capture_targets(method, monkeypatch)
     method.train()
     x, y = batch()
     with torch.no_grad():
         feature = method.teacher(x)["feature"]
     method.training_step((x, y))
-    expected = 0.75 * feature + 0.25 * method.teacher.classifier.weight[y]
+    expected = scale * (0.75 * feature + 0.25 * method.teacher.classifier.weight[y])
     torch.testing.assert_close(seen[0][1], expected.reshape(BATCH, 2, 64))
 
 
@@ -187,16 +189,8 @@ def test_unsupervised_has_no_ce_and_targets_the_teacher_feature(monkeypatch):
         torch.testing.assert_close(copy, feature.reshape(BATCH, 2, 64))
 
 
-def test_target_scale_scales_the_diffusion_target_and_unscales_the_samples(monkeypatch):
-    method = make_method(lam=0.25, mixup_beta=0.0, diffusion_batch_mul=1, target_scale=4.0)
-    seen = capture_targets(method, monkeypatch)
-    method.train()
-    x, y = batch()
-    with torch.no_grad():
-        feature = method.teacher(x)["feature"]
-    method.training_step((x, y))
-    expected = 4.0 * (0.75 * feature + 0.25 * method.teacher.classifier.weight[y])
-    torch.testing.assert_close(seen[0][0], expected.reshape(BATCH, 2, 64))
+def test_target_scale_divides_the_samples_back_and_must_be_positive(monkeypatch):
+    method = make_method(target_scale=4.0)
     # sampling: whatever the chain returns in scaled units comes back divided by the scale
     tokens = torch.randn(1, BATCH, 2, 64)
     monkeypatch.setattr(method.sampler, "sample", lambda *args, **kwargs: tokens)

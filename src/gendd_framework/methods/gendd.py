@@ -16,6 +16,7 @@ from torch import nn
 from gendd_framework.errors import ConfigError
 from gendd_framework.generative.contraction import contract, feature_mixup
 from gendd_framework.methods.base import Method
+from gendd_framework.models.builder import freeze_parameters
 from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS, split_spec
 
 DEFAULT_TOKENIZER = {"name": "split", "token_dim": 64}
@@ -235,8 +236,7 @@ class TeacherHeadCE(Method):
         super().__init__(student, teacher, taps=("feature",))
         ds, dt = self.student.feature_dim, self.teacher.feature_dim
         self.proj = nn.Identity() if ds == dt else nn.Linear(ds, dt)
-        for p in self.student.classifier.parameters():
-            p.requires_grad_(False)
+        freeze_parameters(student, ["classifier"])
 
     def training_step(self, batch):
         x, y = batch
