@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendd_framework.context import StepContext
 from gendd_framework.methods.base import Method
-from gendd_framework.methods.losses import LossTerm
+from gendd_framework.methods.terms import LossTerm, labelled_cross_entropy
 from gendd_framework.registry import LOSSES, METHODS
 
 
@@ -20,7 +21,7 @@ from gendd_framework.registry import LOSSES, METHODS
 class LogitMSE(LossTerm):
     """Ba & Caruana logit matching: mean squared error between centred student and teacher logits."""
 
-    def forward(self, student: dict, teacher: dict | None, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, student: dict, teacher: dict | None, batch: dict, ctx: StepContext) -> torch.Tensor:
         s = student["logits"] - student["logits"].mean(dim=1, keepdim=True)
         t = teacher["logits"] - teacher["logits"].mean(dim=1, keepdim=True)
         return F.mse_loss(s, t)
@@ -28,26 +29,20 @@ class LogitMSE(LossTerm):
 
 @METHODS.register("mimic")
 class Mimic(Method):
-    """CE + weight·logit_mse, with the mimic weight ramped linearly over the first `ramp_steps` steps."""
+    """CE + weight·logit_mse, with the mimic weight ramped linearly over the first `ramp_steps` steps
+    (read from the step context: nothing to count, and resume continues the ramp exactly)."""
 
     def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module | None = None,
-        num_classes: int = 0,
-        weight: float = 1.0,
-        ramp_steps: int = 100,
+        self, student: nn.Module, teacher: nn.Module | None = None, weight: float = 1.0, ramp_steps: int = 100
     ) -> None:
-        super().__init__(student, teacher, taps=("logits",))
+        super().__init__(student, teacher, student_taps=("logits",))
         self.mimic = LogitMSE()
         self.weight, self.ramp_steps = weight, ramp_steps
-        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
 
-    def training_step(self, batch):
-        x, y = batch
-        student_out, teacher_out = self.student(x), self.teacher_outputs(x)
-        ramp = torch.clamp(self.steps_done.float() / max(self.ramp_steps, 1), max=1.0)
-        self.steps_done += 1
-        ce = F.cross_entropy(student_out["logits"], y)
-        mimic = self.mimic(student_out, teacher_out, y)
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        teacher_out = self.teacher_outputs(batch["input"])
+        student_out = self.student(batch["input"])
+        ramp = min(1.0, ctx.step / max(self.ramp_steps, 1))
+        ce = labelled_cross_entropy(student_out["logits"], batch["target"])
+        mimic = self.mimic(student_out, teacher_out, batch, ctx)
         return {"ce": ce, "logit_mse": mimic, "loss": ce + self.weight * ramp * mimic}

@@ -111,7 +111,10 @@ def test_gendd_list_shows_names_signatures_and_docs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "resnet32(num_classes: int = 100)" in res.stdout and "resnet32x4" in res.stdout
     res = cli("gendd-list", "losses", cwd=tmp_path)
-    assert "kd_kl(temperature: float = 4.0)" in res.stdout and "logit_mse" in res.stdout
+    assert (
+        "kd_kl(temperature: float = 4.0, standardize: bool = False)" in res.stdout
+        and "logit_mse" in res.stdout
+    )
     res = cli("gendd-list", cwd=tmp_path)
     assert "method" in res.stdout and "stage" in res.stdout
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import gendd_framework.components  # noqa: F401  (registers every built-in component)
+from gendd_framework.context import StepContext, as_batch
 from gendd_framework.engine.optim import adamw, beta2_cosine_ramp
 from gendd_framework.errors import ConfigError
 from gendd_framework.models import build_model
@@ -115,7 +116,7 @@ def test_unsupervised_with_positive_lambda_is_a_config_error():
 def test_training_step_loss_is_diffusion_plus_weighted_ce():
     method = make_method(ce_weight=0.5)
     method.train()
-    out = method.training_step(batch())
+    out = method.training_step(as_batch(batch()), StepContext())
     assert {"loss", "diffusion", "ce", "mse", "vb"} <= set(out)
     assert all(torch.isfinite(v).all() for v in out.values())
     torch.testing.assert_close(out["loss"], out["diffusion"] + 0.5 * out["ce"])
@@ -125,7 +126,7 @@ def test_ce_does_not_reach_the_backbone_but_the_diffusion_loss_does():
     method = make_method(cond_drop_prob=0.0)
     perturb_head(method)
     method.train()
-    out = method.training_step(batch())
+    out = method.training_step(as_batch(batch()), StepContext())
     params = backbone_params(method)
     grads = torch.autograd.grad(out["ce"], params, retain_graph=True, allow_unused=True)
     assert all(g is None or not g.any() for g in grads)
@@ -140,7 +141,7 @@ def test_zero_initialised_head_gives_the_backbone_no_gradient():
     """Why the test above perturbs the head: at init the denoiser outputs 0 whatever its condition."""
     method = make_method(cond_drop_prob=0.0)
     method.train()
-    out = method.training_step(batch())
+    out = method.training_step(as_batch(batch()), StepContext())
     grads = torch.autograd.grad(out["diffusion"], backbone_params(method), allow_unused=True)
     assert all(g is None or not g.any() for g in grads)
 
@@ -150,7 +151,7 @@ def test_full_contraction_target_is_the_class_weight_row_replicated_m_times(monk
     seen = capture_targets(method, monkeypatch)
     method.train()
     x, y = batch()
-    method.training_step((x, y))
+    method.training_step({"input": x, "target": y}, StepContext())
     (x0,) = seen
     n, k = method.tokenizer.num_tokens, method.tokenizer.token_dim
     assert (n, k) == (2, 64)
@@ -169,7 +170,7 @@ def test_partial_contraction_mixes_teacher_feature_and_class_row(monkeypatch, sc
     x, y = batch()
     with torch.no_grad():
         feature = method.teacher(x)["feature"]
-    method.training_step((x, y))
+    method.training_step({"input": x, "target": y}, StepContext())
     expected = scale * (0.75 * feature + 0.25 * method.teacher.classifier.weight[y])
     torch.testing.assert_close(seen[0][1], expected.reshape(BATCH, 2, 64))
 
@@ -181,7 +182,7 @@ def test_unsupervised_has_no_ce_and_targets_the_teacher_feature(monkeypatch):
     x, y = batch()
     with torch.no_grad():
         feature = method.teacher(x)["feature"]
-    out = method.training_step((x, y))
+    out = method.training_step({"input": x, "target": y}, StepContext())
     assert "ce" not in out
     torch.testing.assert_close(out["loss"], out["diffusion"])
     assert seen[0].shape == (2, BATCH, 2, 64)
@@ -211,11 +212,11 @@ def test_auto_target_scale_is_one_over_rms_of_the_first_batch_and_is_saved(monke
     x, y = batch()
     with torch.no_grad():
         x0 = 0.5 * method.teacher(x)["feature"] + 0.5 * method.teacher.classifier.weight[y]
-    method.training_step((x, y))
+    method.training_step({"input": x, "target": y}, StepContext())
     expected = x0.double().pow(2).mean().rsqrt().item()
     assert method.target_scale.item() == pytest.approx(expected, rel=1e-5)
     assert seen[0].pow(2).mean().item() == pytest.approx(1.0, rel=1e-4)  # the head sees unit RMS
-    method.training_step(batch(1))  # measured once, not per batch
+    method.training_step(as_batch(batch(1)), StepContext())  # measured once, not per batch
     assert method.target_scale.item() == pytest.approx(expected, rel=1e-5)
     fresh = make_method(lam=0.5, target_scale="auto")
     fresh.load_state_dict(method.state_dict())  # evaluation/resume reuse the trained scale

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from gendd_framework.methods.losses import kd_kl_loss
+from gendd_framework.context import StepContext
+from gendd_framework.losses.kd import kd_kl_loss
 
 
 def hand_kd(ls, lt, tau):
@@ -74,19 +75,24 @@ def test_kd_method_combines_terms_with_weights():
     )
     method.train()
     x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
-    out = method.training_step((x, y))
+    out = method.training_step({"input": x, "target": y}, StepContext())
     assert torch.allclose(out["loss"], 0.3 * out["ce"] + 0.7 * out["kd_kl"])
     assert not teacher.training, "the teacher must stay in eval mode"
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def test_feature_mse_matches_manual_mean_and_rejects_shape_mismatch():
+def test_feature_mse_matches_manual_mean_and_rejects_shape_mismatch_at_build():
     from gendd_framework.errors import ConfigError
-    from gendd_framework.registry import LOSSES
+    from gendd_framework.models import build_model
+    from gendd_framework.registry import LOSSES, METHODS
 
     term = LOSSES.build("feature_mse")
     fs, ft = torch.arange(6.0).view(2, 3), torch.ones(2, 3)
     expected = sum((a - 1.0) ** 2 for a in range(6)) / 6
-    assert term({"feature": fs}, {"feature": ft}, None).item() == pytest.approx(expected)
-    with pytest.raises(ConfigError, match="equal feature shapes"):
-        term({"feature": fs}, {"feature": torch.ones(2, 4)}, None)
+    assert term({"feature": fs}, {"feature": ft}, {}, StepContext()).item() == pytest.approx(expected)
+    student = build_model({"name": "mlp", "hidden": [8]}, num_classes=10)
+    teacher = build_model({"name": "mlp", "hidden": [16]}, num_classes=10)
+    spec = {"name": "distill", "losses": [{"name": "feature_mse"}]}
+    # the build-time probe names both shapes before any training step
+    with pytest.raises(ConfigError, match=r"student \(8,\) and teacher \(16,\)"):
+        METHODS.build(spec, student=student, teacher=teacher, input_shape=(1, 8, 8))

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 import gendd_framework.components  # noqa: F401  (registers every built-in component)
 from gendd_framework import config as config_lib
 from gendd_framework.cli import config_dir
+from gendd_framework.context import StepContext
 from gendd_framework.errors import ConfigError
 from gendd_framework.models import build_model
 from gendd_framework.registry import METHODS, split_spec
@@ -176,7 +177,7 @@ def test_one_training_step_of_a_cifar_recipe(compose):
     method.train()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 100, (2,), generator=g)
-    out = method.training_step((x, y))
+    out = method.training_step({"input": x, "target": y}, StepContext())
     assert {"loss", "diffusion", "ce"} <= set(out)
     assert all(torch.isfinite(v) for v in out.values())
     out["loss"].backward()

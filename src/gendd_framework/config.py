@@ -18,7 +18,8 @@ from gendd_framework.errors import ConfigError
 REQUIRED_TOP = ("data", "student", "method", "optim", "sched", "trainer", "seed", "stages")
 OPTIONAL_TOP = ("teacher", "logger", "plugins", "paths", "name", "eval", "pretrain", "hydra", "notes")
 TRAINER_EXTRA = ("device",)
-TEACHER_KEYS = ("model", "weights", "cache_dir", "train_if_missing", "train")
+TEACHER_KEYS = ("model", "weights", "cache_dir", "train_if_missing", "train", "members", "combine", "run_dir")
+MEMBER_KEYS = ("model", "weights", "train", "cache_dir", "train_if_missing")
 LOGGER_KEYS = ("backends",)
 
 
@@ -48,7 +49,12 @@ def validate(cfg: DictConfig) -> None:
     _check_keys(cfg.trainer, trainer_fields, "trainer.")
     if cfg.get("teacher") is not None:
         _check_keys(cfg.teacher, TEACHER_KEYS, "teacher.")
-        _check_named(cfg.teacher.model, "teacher.model")
+        members = cfg.teacher.get("members") or []
+        for i, member in enumerate(members):
+            _check_keys(member, MEMBER_KEYS, f"teacher.members.{i}.")
+            _check_named(member.get("model"), f"teacher.members.{i}.model")
+        if cfg.teacher.get("model") is not None or not (members or cfg.teacher.get("run_dir")):
+            _check_named(cfg.teacher.get("model"), "teacher.model")
     if cfg.get("logger") is not None:
         _check_keys(cfg.logger, LOGGER_KEYS, "logger.")
     missing_values = OmegaConf.missing_keys(cfg)

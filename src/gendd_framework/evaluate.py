@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gendd_framework.data.base import BatchDataset
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.checkpoint import seed_everything
 from gendd_framework.engine.trainer import evaluate
@@ -63,16 +64,21 @@ class RunEvaluator:
     def build_method(self, method_overrides: dict[str, Any] | None = None):
         node = merge_method(self.cfg.method, method_overrides or {})
         name, kwargs = split_spec(node, "method")
+        from gendd_framework.stages import teacher_architecture
+
         student = build_model(self.cfg.student, num_classes=self.data.num_classes)
         teacher = (
-            build_model(self.cfg.teacher.model, num_classes=self.data.num_classes)
-            if self.cfg.get("teacher")
-            else None
+            teacher_architecture(self.cfg.teacher, self.data.num_classes) if self.cfg.get("teacher") else None
         )
         method = METHODS.build(
-            {"name": name, **kwargs}, student=student, teacher=teacher, num_classes=self.data.num_classes
+            {"name": name, **kwargs},
+            student=student,
+            teacher=teacher,
+            num_classes=self.data.num_classes,
+            input_shape=self.data.input_shape,
         )
         method.load_state_dict(self.state)
+        self.teacher = method.teacher.model if getattr(method, "teacher", None) is not None else None
         return method.to(self.device)
 
     def evaluate(self, method_overrides: dict[str, Any] | None = None, split: str = "test") -> dict[str, Any]:
@@ -80,9 +86,10 @@ class RunEvaluator:
 
         seed_everything(int(self.cfg.seed))
         method = self.build_method(method_overrides)
-        loader = DataLoader(getattr(self.data, split), batch_size=self.loader_cfg["eval_batch_size"])
+        dataset = BatchDataset(getattr(self.data, split))
+        loader = DataLoader(dataset, batch_size=self.loader_cfg["eval_batch_size"])
         started = time.perf_counter()
-        metrics = evaluate(method, loader, self.device)
+        metrics = evaluate(method, loader, self.device, teacher=self.teacher)
         elapsed = time.perf_counter() - started
         return {
             **metrics,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gendd_framework import config as config_lib
-from gendd_framework.data.base import DataSplits
+from gendd_framework.data.base import BatchDataset, DataSplits
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
@@ -49,10 +49,13 @@ class RunContext:
         return self.run_dir / "checkpoints"
 
     def loader(
-        self, split: str, *, shuffle_seed: int | None = None
+        self, split: str, *, shuffle_seed: int | None = None, all_labels: bool = False
     ) -> tuple[DataLoader, torch.Generator | None]:
-        dataset = getattr(self.data, split)
+        """Batches as mappings; the training split hides the labels outside `data.label_mask` unless
+        `all_labels` (teachers train on every label)."""
         train = split == "train"
+        mask = self.data.label_mask if train and not all_labels else None
+        dataset = BatchDataset(getattr(self.data, split), mask)
         generator = torch.Generator() if train else None
         if generator is not None and shuffle_seed is not None:
             generator.manual_seed(shuffle_seed)
@@ -113,10 +116,14 @@ def fit_method(
     trainer: TrainerConfig,
     seed: int,
     step_callbacks: list | None = None,
+    reference: nn.Module | None = None,
+    all_labels: bool = False,
 ) -> dict[str, Any]:
-    """Train `method` on train, select on val, then report test for the best-on-val and last weights."""
+    """Train `method` on train, select on val, then report test for the best-on-val and last weights.
+
+    `reference` is the teacher that evaluation metrics (agreement, KL) compare with."""
     method.to(ctx.device)
-    train_loader, generator = ctx.loader("train", shuffle_seed=seed)
+    train_loader, generator = ctx.loader("train", shuffle_seed=seed, all_labels=all_labels)
     val_loader, _ = ctx.loader("val")
     test_loader, _ = ctx.loader("test")
     opt_name, opt_kwargs = split_spec(optim, "optimizer")
@@ -142,12 +149,13 @@ def fit_method(
         shuffle_seed=seed,
         shuffle_generator=generator,
         step_callbacks=step_callbacks,
+        reference=reference,
     )
     best = loop.fit()
-    test_last = evaluate(method, test_loader, ctx.device, trainer.precision)
+    test_last = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
     if loop.path("best").exists():
         method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
-    test = evaluate(method, test_loader, ctx.device, trainer.precision)
+    test = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
     record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
     if method.eval_settings():
         record["eval_settings"] = method.eval_settings()
@@ -184,8 +192,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     try:
         for spec in cfg.stages:
             name, kwargs = split_spec(spec, "stage")
+            key = kwargs.get("stage_name", name)  # repeated stages (generations) name themselves
+            if key in ctx.results:
+                raise ConfigError(f"stage '{key}' appears twice in `stages`; give each a distinct stage_name")
             seed_everything(int(cfg.seed))  # each stage starts from the same RNG state, cached teacher or not
-            ctx.results[name] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
+            ctx.results[key] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
     finally:
         ctx.logger.close()
     summary = {

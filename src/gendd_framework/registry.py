@@ -118,7 +118,7 @@ class Registry:
         """
         name, kwargs = split_spec(spec, self.kind)
         factory = self.get(name)
-        merged = {**runtime, **kwargs}
+        merged = {**accepted_runtime(factory, runtime), **kwargs}
         check_kwargs(factory, merged, f"{self.kind} '{name}'", config_keys=set(kwargs))
         return factory(**merged)
 
@@ -133,6 +133,18 @@ def split_spec(spec: Mapping[str, Any] | DictConfig | str, kind: str) -> tuple[s
         raise ConfigError(f"a {kind} config needs a 'name' key, got {spec!r}")
     kwargs = {k: v for k, v in spec.items() if k != "name"}
     return str(spec["name"]), kwargs
+
+
+def accepted_runtime(factory: Callable[..., Any], runtime: Mapping[str, Any]) -> dict[str, Any]:
+    """The runtime objects `factory` accepts: the build offers facts (input_shape, num_classes, ...) that
+    a component may ignore, so a plugin written against fewer of them keeps working."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return dict(runtime)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(runtime)
+    return {k: v for k, v in runtime.items() if k in params}
 
 
 def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: str, config_keys=None) -> None:
@@ -200,6 +212,7 @@ OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
 LOGGERS = Registry("logger")
 STAGES = Registry("stage")
+WEIGHT_SCHEDULES = Registry("weight_schedule")
 
 ALL: dict[str, Registry] = {
     r.kind: r
@@ -217,5 +230,6 @@ ALL: dict[str, Registry] = {
         SCHEDULERS,
         LOGGERS,
         STAGES,
+        WEIGHT_SCHEDULES,
     )
 }

@@ -1,119 +1,228 @@
-"""Built-in stages: `teacher` (load, reuse from cache, or train) and `distill` (train the student).
+"""Built-in stages: `teacher` (one model, an ensemble, or an earlier run's student), `distill`, `pretrain`
+and `born_again` (the previous stage's student teaches a fresh one: self-distillation generations).
 
 A stage is a registered function `(ctx, **kwargs) -> record`; an experiment lists them in `stages:`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from gendd_framework import config as config_lib
+from gendd_framework.data.base import BatchDataset
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
 from gendd_framework.engine.checkpoint import load as load_checkpoint
+from gendd_framework.engine.statistics import TeacherStatistics
 from gendd_framework.engine.trainer import evaluate
 from gendd_framework.errors import ConfigError
 from gendd_framework.methods.base import freeze
 from gendd_framework.models import build_model, load_state_dict_file
+from gendd_framework.models.ensemble import EnsembleTeacher
 from gendd_framework.pipeline import RunContext, fit_method
 from gendd_framework.registry import METHODS, STAGES, split_spec
 
+# data keys that do not change a teacher (it always trains on every label)
+TEACHER_NEUTRAL_DATA_KEYS = ("label_fraction",)
 
-def teacher_cache_key(ctx: RunContext) -> str:
-    """Hash of everything that determines the trained teacher: data, model and training recipe."""
-    cfg = ctx.cfg
+
+def plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) -> str:
+    """Hash of everything that determines a trained teacher: data, model and training recipe."""
+    node = plain(node if node is not None else ctx.cfg.teacher)
+    data = {k: v for k, v in plain(ctx.cfg.data).items() if k not in TEACHER_NEUTRAL_DATA_KEYS}
     recipe = {
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "model": OmegaConf.to_container(cfg.teacher.model, resolve=True),
-        "train": OmegaConf.to_container(cfg.teacher.train, resolve=True),
-        "loop": {k: cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
+        "data": data,
+        "model": node["model"],
+        "train": node.get("train"),
+        "loop": {k: ctx.cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{cfg.teacher.model.name}-{digest}"
+    return f"{node['model']['name']}-{digest}"
+
+
+def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple[nn.Module, dict[str, Any]]:
+    """`weights` file, else the cached teacher for this recipe, else train it (on every label) and cache."""
+    num_classes = ctx.data.num_classes
+    if node.get("model") is None:
+        raise ConfigError("a teacher needs `model: {name: ...}` (pick one with teacher=<name>)")
+    if node.get("weights"):
+        model = build_model({**node["model"], "checkpoint": node["weights"]}, num_classes=num_classes)
+        return model, {"source": str(node["weights"])}
+    cache = Path(node["cache_dir"]).expanduser() / f"{teacher_cache_key(ctx, node)}.pt"
+    model = build_model(node["model"], num_classes=num_classes)
+    if cache.exists():
+        model.load_state_dict(load_state_dict_file(cache))
+        return model, {"source": f"cache:{cache}"}
+    if not node.get("train_if_missing", True) or node.get("train") is None:
+        raise ConfigError(
+            f"no teacher weights: set teacher.weights=... (cache {cache} is empty and "
+            "teacher.train_if_missing=false or no teacher.train recipe)"
+        )
+    train = node["train"]
+    seed_everything(int(train["seed"]))
+    method = METHODS.build({"name": "ce"}, student=model)
+    # the run's `select` names the distill method's outputs, not the CE teacher's
+    trainer = config_lib.trainer_config(
+        ctx.cfg.trainer, epochs=int(train["epochs"]), resume=False, select=None
+    )
+    fit = fit_method(
+        ctx,
+        method,
+        stage,
+        optim=train["optim"],
+        sched=train["sched"],
+        trainer=trainer,
+        seed=int(train["seed"]),
+        all_labels=True,
+    )
+    atomic_save(model.state_dict(), cache)
+    return model, {"source": f"trained:{cache}", "best_epoch": fit["best_epoch"]}
+
+
+def teacher_from_run(ctx: RunContext, node: dict) -> tuple[nn.Module, dict[str, Any]]:
+    """The student of an earlier run (`<run_dir>/student.pt`), built from that run's saved config."""
+    run_dir = Path(str(node["run_dir"])).expanduser()
+    config_path, weights = run_dir / ".hydra" / "config.yaml", run_dir / "student.pt"
+    if not config_path.is_file() or not weights.is_file():
+        raise ConfigError(
+            f"teacher.run_dir={run_dir} is not a finished gendd-train run "
+            "(needs .hydra/config.yaml and student.pt)"
+        )
+    spec = node.get("model") or plain(OmegaConf.load(config_path).student)
+    model = build_model(
+        {**spec, "checkpoint": str(weights), "freeze": None}, num_classes=ctx.data.num_classes
+    )
+    return model, {"source": f"run:{weights}"}
+
+
+def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
+    """The teacher's modules without trained weights (a method checkpoint holds them): used to rebuild
+    a finished run's method for re-evaluation."""
+    tcfg = plain(tcfg)
+    if tcfg.get("members"):
+        members = [build_model(m["model"], num_classes=num_classes) for m in tcfg["members"]]
+        return EnsembleTeacher(members, tcfg.get("combine", "probs"))
+    if tcfg.get("run_dir") and not tcfg.get("model"):
+        config_path = Path(str(tcfg["run_dir"])).expanduser() / ".hydra" / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"teacher.run_dir: no run config at {config_path}")
+        return build_model(plain(OmegaConf.load(config_path).student), num_classes=num_classes)
+    return build_model(tcfg["model"], num_classes=num_classes)
+
+
+def evaluate_teacher(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
+    method = METHODS.build({"name": "ce"}, student=model)
+    record = {}
+    for split in ("val", "test"):
+        loader, _ = ctx.loader(split)
+        record[split] = evaluate(method, loader, ctx.device)
+    return record
 
 
 @STAGES.register("teacher")
 def teacher_stage(ctx: RunContext) -> dict[str, Any]:
-    """Load `teacher.weights`, else reuse the cached teacher for this recipe, else train and cache it."""
-    tcfg = ctx.cfg.get("teacher")
+    """Build the frozen teacher: `run_dir` (an earlier run's student), `members` (an ensemble combined
+    by `combine: probs|logits`, each member loaded, cached or trained like a single teacher), or one
+    model (`weights`, else the cache for this recipe, else trained once)."""
+    tcfg = plain(ctx.cfg.get("teacher"))
     if tcfg is None:
         raise ConfigError("stage 'teacher' needs a `teacher:` config (pick one with teacher=<name>)")
-    num_classes = ctx.data.num_classes
     record: dict[str, Any] = {}
-    if tcfg.get("weights"):
-        model = build_model(
-            {**OmegaConf.to_container(tcfg.model, resolve=True), "checkpoint": tcfg.weights},
-            num_classes=num_classes,
-        )
-        record["source"] = str(tcfg.weights)
+    if tcfg.get("run_dir"):
+        model, record = teacher_from_run(ctx, tcfg)
+    elif tcfg.get("members"):
+        shared = {k: v for k, v in tcfg.items() if k not in ("members", "combine", "model", "weights")}
+        members = []
+        for i, member in enumerate(tcfg["members"]):
+            seed_everything(int(ctx.cfg.seed))
+            model_i, record_i = single_teacher(ctx, {**shared, **member}, stage=f"teacher_{i}")
+            members.append(freeze(model_i.to(ctx.device)))
+            record[f"member_{i}"] = {**record_i, **evaluate_teacher(ctx, model_i)}
+        model = EnsembleTeacher(members, tcfg.get("combine", "probs"))
+        record["combine"] = model.combine
     else:
-        cache = Path(tcfg.cache_dir).expanduser() / f"{teacher_cache_key(ctx)}.pt"
-        model = build_model(tcfg.model, num_classes=num_classes)
-        if cache.exists():
-            model.load_state_dict(load_state_dict_file(cache))
-            record["source"] = f"cache:{cache}"
-        elif tcfg.get("train_if_missing", True):
-            train = tcfg.train
-            seed_everything(int(train.seed))
-            method = METHODS.build({"name": "ce"}, student=model)
-            # the run's `select` names the distill method's outputs, not the CE teacher's
-            trainer = config_lib.trainer_config(
-                ctx.cfg.trainer, epochs=int(train.epochs), resume=False, select=None
-            )
-            fit = fit_method(
-                ctx,
-                method,
-                "teacher",
-                optim=train.optim,
-                sched=train.sched,
-                trainer=trainer,
-                seed=int(train.seed),
-            )
-            atomic_save(model.state_dict(), cache)
-            record.update(source=f"trained:{cache}", best_epoch=fit["best_epoch"])
-        else:
-            raise ConfigError(
-                f"no teacher weights: set teacher.weights=... (cache {cache} is empty and "
-                "teacher.train_if_missing=false)"
-            )
+        model, record = single_teacher(ctx, tcfg)
     model.to(ctx.device)
     ctx.models["teacher"] = freeze(model)
-    method = METHODS.build({"name": "ce"}, student=model)
-    for split in ("val", "test"):
-        loader, _ = ctx.loader(split)
-        record[split] = evaluate(method, loader, ctx.device)
+    record.update(evaluate_teacher(ctx, model))
     freeze(model)
     return record
 
 
-@STAGES.register("distill")
-def distill_stage(ctx: RunContext, stage_name: str = "distill") -> dict[str, Any]:
-    """Train the student with `method` (teacher from the `teacher` stage if one ran)."""
+def train_student(
+    ctx: RunContext, student: nn.Module, teacher: nn.Module | None, stage_name: str
+) -> dict[str, Any]:
+    """Build `cfg.method` around student and teacher, run its prepare hook, then fit and evaluate."""
     cfg = ctx.cfg
-    student = ctx.models.get("student") or build_model(cfg.student, num_classes=ctx.data.num_classes)
     method_name, method_kwargs = split_spec(cfg.method, "method")
     method = METHODS.build(
         {"name": method_name, **method_kwargs},
         student=student,
-        teacher=ctx.models.get("teacher"),
+        teacher=teacher,
         num_classes=ctx.data.num_classes,
+        input_shape=ctx.data.input_shape,
     )
-    trainer = config_lib.trainer_config(cfg.trainer)
+    method.to(ctx.device)
+    if getattr(method, "teacher", None) is not None:
+        method.prepare(teacher_statistics(ctx, method.teacher.model))
     record = fit_method(
         ctx,
         method,
         stage_name,
         optim=cfg.optim,
         sched=cfg.sched,
-        trainer=trainer,
+        trainer=config_lib.trainer_config(cfg.trainer),
         seed=int(cfg.seed),
         step_callbacks=getattr(method, "step_callbacks", lambda: [])(),
+        reference=teacher,
     )
     ctx.models["student"] = method.student_model
+    return record
+
+
+def teacher_statistics(ctx: RunContext, teacher: nn.Module) -> TeacherStatistics:
+    data = ctx.data
+    dataset = BatchDataset(data.train_plain or data.train, data.label_mask)
+    data_key = {k: v for k, v in plain(ctx.cfg.data).items() if k != "loader"}
+    return TeacherStatistics(
+        teacher,
+        dataset,
+        data.num_classes,
+        ctx.device,
+        cache_dir=ctx.cfg.get("paths", {}).get("cache_dir"),
+        data_key=data_key,
+        batch_size=ctx.loader_cfg["eval_batch_size"],
+    )
+
+
+@STAGES.register("distill")
+def distill_stage(ctx: RunContext, stage_name: str = "distill") -> dict[str, Any]:
+    """Train the student with `method` (teacher from the `teacher` stage if one ran)."""
+    student = ctx.models.get("student") or build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
+    return train_student(ctx, student, ctx.models.get("teacher"), stage_name)
+
+
+@STAGES.register("born_again")
+def born_again_stage(ctx: RunContext, stage_name: str = "born_again") -> dict[str, Any]:
+    """Self-distillation generation: the previous stage's student, frozen, teaches a fresh student of
+    the same config with the same method (Born-Again Networks). Repeat with distinct `stage_name`s."""
+    previous = ctx.models.get("student")
+    if previous is None:
+        raise ConfigError("stage 'born_again' needs an earlier stage that trained a student (e.g. distill)")
+    teacher = freeze(copy.deepcopy(previous))
+    student = build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
+    record = train_student(ctx, student, teacher, stage_name)
+    record["teacher"] = evaluate_teacher(ctx, teacher)
     return record
 
 
@@ -134,7 +243,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     handover = pcfg.get("handover", "last")
     if handover not in ("last", "best"):
         raise ConfigError(f"pretrain.handover must be 'last' or 'best', got '{handover}'")
-    if handover == "last":  # the official scripts start stage 2 from the last stage-1 weights
+    if handover == "last":  # the official scripts start stage 2 from the last (official) stage-1 weights
         method.load_state_dict(load_checkpoint(ctx.ckpt_dir / "pretrain_last.pt")["method"])
     record["handover"] = handover
     for name, p in student.named_parameters():  # the student's own head was frozen for this stage only

@@ -41,6 +41,7 @@ def digits(
     val_fraction: float = 0.15,
     test_fraction: float = 0.25,
     train_fraction: float = 1.0,
+    label_fraction: float = 1.0,
     split_seed: int = 0,
     augment: bool = True,
     max_shift: int = 0,
@@ -49,7 +50,14 @@ def digits(
     """Digits as (1, 8, 8) images, standardised with training statistics; stratified fixed-seed splits.
 
     `train_fraction` < 1 keeps only that stratified share of the training split (low-data studies).
+    `label_fraction` < 1 keeps every training image but shows the student the labels of only that
+    stratified share (a transfer set: distillation terms see all images, CE the labelled ones).
     """
+    from gendd_framework.errors import ConfigError
+
+    for key, value in (("train_fraction", train_fraction), ("label_fraction", label_fraction)):
+        if not 0.0 < value <= 1.0:
+            raise ConfigError(f"data.{key} must be in (0, 1], got {value}")
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -62,6 +70,11 @@ def digits(
     mean, std = images[train_idx].mean(), images[train_idx].std()
     images = (images - mean) / std
     transform = RandomShift(max_shift, noise_std) if augment else None
+    label_mask = None
+    if label_fraction < 1.0:
+        shown, _ = stratified_split(labels[train_idx].numpy(), [label_fraction], split_seed + 1)
+        label_mask = torch.zeros(len(train_idx), dtype=torch.bool)
+        label_mask[torch.as_tensor(shown)] = True
 
     def part(idx, tf=None) -> TensorImages:
         return TensorImages(images[idx], labels[idx], tf)
@@ -72,4 +85,6 @@ def digits(
         test=part(test_idx),
         num_classes=10,
         input_shape=(1, 8, 8),
+        train_plain=part(train_idx),
+        label_mask=label_mask,
     )

@@ -70,8 +70,10 @@ def _cifar(variant: str, root: str, val_fraction: float, split_seed: int, augmen
     train_aug = cls(str(root_path), train=True, transform=train_tf, download=False)
     train_plain = cls(str(root_path), train=True, transform=plain_tf, download=False)
     test = cls(str(root_path), train=False, transform=plain_tf, download=False)
-    train, val = carve(train_aug, train_plain, train_aug.targets, val_fraction, split_seed)
-    return DataSplits(train, val, test, num_classes=len(train_aug.classes), input_shape=(3, 32, 32))
+    train, val, plain = carve(train_aug, train_plain, train_aug.targets, val_fraction, split_seed)
+    return DataSplits(
+        train, val, test, num_classes=len(train_aug.classes), input_shape=(3, 32, 32), train_plain=plain
+    )
 
 
 @DATASETS.register("cifar10")
@@ -106,5 +108,8 @@ def imagefolder(
     train_aug = torchvision.datasets.ImageFolder(str(root_path / train_dir), imagenet_train(size, crop_scale))
     train_plain = torchvision.datasets.ImageFolder(str(root_path / train_dir), imagenet_eval(size))
     test = torchvision.datasets.ImageFolder(str(root_path / test_dir), imagenet_eval(size))
-    train, val = carve(train_aug, train_plain, train_aug.targets, val_fraction, split_seed)
-    return DataSplits(train, val, test, num_classes=len(train_aug.classes), input_shape=(3, size, size))
+    train, val, plain = carve(train_aug, train_plain, train_aug.targets, val_fraction, split_seed)
+    shape = (3, size, size)
+    return DataSplits(
+        train, val, test, num_classes=len(train_aug.classes), input_shape=shape, train_plain=plain
+    )

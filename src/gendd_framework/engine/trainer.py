@@ -19,8 +19,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from gendd_framework.context import StepContext, to_device
 from gendd_framework.engine import checkpoint as ckpt
 from gendd_framework.engine.loggers import MetricLogger, truncate_jsonl
+from gendd_framework.engine.metrics import MetricAccumulator
 from gendd_framework.errors import ConfigError
 
 StepCallback = Callable[[int, int, torch.optim.Optimizer], None]
@@ -56,27 +58,28 @@ def autocast_context(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(method, loader: DataLoader, device: torch.device, precision: str = "fp32") -> dict[str, float]:
-    """Top-1 accuracy (%) and CE of every named output of `method.predict` over `loader`."""
+def evaluate(
+    method,
+    loader: DataLoader,
+    device: torch.device,
+    precision: str = "fp32",
+    teacher: torch.nn.Module | None = None,
+) -> dict[str, float]:
+    """Accuracy, CE and ECE of every named output of `method.predict` over `loader`, plus agreement and
+    KL with `teacher` when one is given (see engine/metrics.py)."""
     method.eval()
     method.on_evaluate_start()
-    correct: dict[str, float] = {}
-    losses: dict[str, float] = {}
-    total = 0
-    for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if teacher is not None:
+        teacher.eval()
+    metrics = MetricAccumulator()
+    for batch in loader:
+        batch = to_device(batch, device)
+        x, y = batch["input"], batch["target"]
         with autocast_context(device, precision):
             outputs = method.predict(x)
-        for name, logits in outputs.items():
-            logits = logits.float()
-            correct[name] = correct.get(name, 0.0) + (logits.argmax(1) == y).sum().item()
-            losses[name] = (
-                losses.get(name, 0.0) + torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            )
-        total += y.numel()
-    metrics = {f"acc/{k}": 100.0 * v / total for k, v in correct.items()}
-    metrics.update({f"ce/{k}": v / total for k, v in losses.items()})
-    return metrics
+            teacher_logits = teacher(x) if teacher is not None else None
+        metrics.update(outputs, y, teacher_logits)
+    return metrics.result()
 
 
 class Trainer:
@@ -98,6 +101,7 @@ class Trainer:
         shuffle_seed: int = 0,
         shuffle_generator: torch.Generator | None = None,
         step_callbacks: list[StepCallback] | None = None,
+        reference: torch.nn.Module | None = None,
     ) -> None:
         self.method, self.optimizer, self.scheduler = method, optimizer, scheduler
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -105,6 +109,7 @@ class Trainer:
         self.ckpt_dir = Path(ckpt_dir)
         self.shuffle_seed, self.shuffle_generator = shuffle_seed, shuffle_generator
         self.step_callbacks = step_callbacks or []
+        self.reference = reference  # the teacher that validation metrics (agreement, KL) compare with
         self.select = config.select or f"acc/{getattr(method, 'primary_output', 'student')}"
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.epoch, self.step = 0, 0
@@ -152,7 +157,9 @@ class Trainer:
             if self.val_loader is not None and (
                 self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
             ):
-                metrics = evaluate(self.method, self.val_loader, self.device, self.cfg.precision)
+                metrics = evaluate(
+                    self.method, self.val_loader, self.device, self.cfg.precision, self.reference
+                )
                 self.logger.log(
                     {
                         "stage": self.stage,
@@ -176,6 +183,7 @@ class Trainer:
         if self.shuffle_generator is not None:  # the order depends only on (seed, epoch): resume-safe
             self.shuffle_generator.manual_seed(self.shuffle_seed * 1_000_003 + self.epoch)
         accum = max(1, self.cfg.accum_steps)
+        steps_per_epoch = optimizer_steps_per_epoch(len(self.train_loader), accum)
         running: dict[str, float] = {}
         count, started = 0, time.perf_counter()
         bar = tqdm(
@@ -186,10 +194,11 @@ class Trainer:
             dynamic_ncols=True,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(bar):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        for i, batch in enumerate(bar):
+            batch = to_device(batch, self.device)
+            ctx = StepContext(self.step, self.epoch, steps_per_epoch, total_steps, self.cfg.epochs)
             with autocast_context(self.device, self.cfg.precision):
-                losses = self.method.training_step((x, y))
+                losses = self.method.training_step(batch, ctx)
             loss = losses["loss"]
             self.scaler.scale(loss / accum).backward()
             if (i + 1) % accum == 0 or i + 1 == len(self.train_loader):

@@ -1,20 +1,28 @@
-"""The method ("distiller") contract every training recipe implements.
+"""The method ("distiller") contract every training recipe implements, built-in or plugin.
 
 A method owns the student, the frozen teacher and any extra trainable parts. The Trainer needs only:
-`training_step(batch) -> {"loss": ..., <named terms>...}`, `predict(x) -> {name: logits}`, and
-`param_groups(weight_decay)` with the no-decay group made explicit by parameter role, not by name.
+- `training_step(batch, ctx) -> {"loss": ..., <named terms>...}`: `batch` is a mapping
+  (`input`, `target`, `index`, ...), `ctx` a StepContext (step, epoch, steps per epoch, total steps);
+- `predict(x) -> {name: logits}`: every output is evaluated;
+- `param_groups(weight_decay)`: the no-decay group made explicit by parameter role, not by name.
+Taps are declared per side and shape-probed once at build (`tap_shapes`), so projectors are sized from
+real shapes; `prepare(stats)` may compute teacher statistics once before training (cached).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from gendd_framework.context import StepContext
+from gendd_framework.errors import ConfigError
 from gendd_framework.models.tap import FeatureTap
 
 NO_DECAY_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+TapList = Iterable[str | Mapping[str, Any]]
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -46,16 +54,31 @@ def split_decay(
 
 
 class Method(nn.Module):
-    """Base class: wraps student (and teacher) in FeatureTaps; subclasses define the training step."""
+    """Base class: wraps student (and teacher) in FeatureTaps; subclasses define the training step.
+
+    `student_taps`/`teacher_taps` list what each side exposes (`logits`, `feature`, `layer3`,
+    `layer3:input`); `teacher_taps=None` reuses the student's list. `input_shape` (one sample, no batch
+    dimension) lets `tap_shapes()` run the build-time probe.
+    """
 
     primary_output = "student"  # the `predict` key used for model selection by default
 
     def __init__(
-        self, student: nn.Module, teacher: nn.Module | None = None, taps: Iterable[str] = ("feature",)
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        student_taps: TapList = ("logits",),
+        teacher_taps: TapList | None = None,
+        input_shape: tuple[int, ...] | None = None,
     ):
         super().__init__()
-        self.student = FeatureTap(student, taps)
+        student_taps = list(student_taps)
+        self.student = FeatureTap(student, student_taps)
+        taps = student_taps if teacher_taps is None else list(teacher_taps)
         self.teacher = FeatureTap(freeze(teacher), taps) if teacher is not None else None
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
@@ -63,12 +86,35 @@ class Method(nn.Module):
             self.teacher.eval()
         return self
 
+    # -- build-time probe ---------------------------------------------------------------------------
+    def tap_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """`{"student": {tap: shape}, "teacher": {...}}` per sample, from one dry forward (cached)."""
+        if self._shapes is None:
+            if self.input_shape is None:
+                raise ConfigError(
+                    f"{type(self).__name__} sizes its parts from tap shapes: build it with input_shape=..."
+                )
+            example = torch.zeros(2, *self.input_shape, device=self._device())
+            self._shapes = {"student": self.student.probe(example)}
+            if self.teacher is not None:
+                self._shapes["teacher"] = self.teacher.probe(example)
+        return self._shapes
+
+    def _device(self) -> torch.device:
+        param = next(self.student.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    # -- training ------------------------------------------------------------------------------------
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        assert self.teacher is not None, "this method was built without a teacher"
+        if self.teacher is None:
+            raise ConfigError(f"{type(self).__name__} was built without a teacher")
         return self.teacher(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def prepare(self, stats: Any) -> None:
+        """Compute teacher statistics once before training (`stats` is a TeacherStatistics)."""
+
+    def training_step(self, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,6 +127,7 @@ class Method(nn.Module):
         """Settings that determine `predict` (recorded next to every evaluation result)."""
         return {}
 
+    # -- optimisation --------------------------------------------------------------------------------
     def trainable_modules(self) -> list[nn.Module]:
         """Everything the optimizer updates (the teacher is excluded by construction)."""
         return [m for name, m in self.named_children() if name != "teacher"]

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gendd_framework.context import StepContext, distill_targets
 from gendd_framework.errors import ConfigError
 from gendd_framework.generative.contraction import contract, feature_mixup
 from gendd_framework.methods.base import Method
+from gendd_framework.methods.terms import labelled_cross_entropy
 from gendd_framework.models.builder import freeze_parameters
 from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS, split_spec
 
@@ -60,7 +62,7 @@ class GenDD(Method):
     ) -> None:
         if teacher is None:
             raise ConfigError("method 'gendd' needs a teacher: add the `teacher` stage before `distill`")
-        super().__init__(student, teacher, taps=("feature",))
+        super().__init__(student, teacher, student_taps=("feature",), teacher_taps=("feature", "logits"))
         if not use_labels and lam != 0:
             raise ConfigError(f"gendd without labels (use_labels=false) needs lam=0, got lam={lam}")
         if diffusion_batch_mul < 1 or num_sampling < 1:
@@ -106,14 +108,17 @@ class GenDD(Method):
         self._sampling_generator: torch.Generator | None = None
 
     # -- training -------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
-        x, y = batch
-        h = self.student(x)["feature"]
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        x, target = batch["input"], batch["target"]
         with torch.no_grad():
-            f = self.teacher_outputs(x)["feature"].float()
-            x0 = contract(f, y if self.use_labels else None, self.class_weight, self.lam)
+            teacher_out = self.teacher_outputs(x)
+            f = teacher_out["feature"].float()
+            # unlabelled samples (transfer set) contract toward the teacher's predicted class
+            y = distill_targets(target, teacher_out["logits"]) if self.use_labels else None
+            x0 = contract(f, y, self.class_weight, self.lam)
             if not self._scale_checked:
                 self._measure_target_scale(x0)
+        h = self.student(x)["feature"]
         z = self.norm(h.float())
         z, x0 = feature_mixup(z, x0, self.mixup_beta)
         tokens = self.tokenizer.tokenize(x0 * self.target_scale)  # (B, n, k)
@@ -128,7 +133,7 @@ class GenDD(Method):
         }
         loss = diffusion["loss"]
         if self.use_labels and self.ce_weight > 0:
-            out["ce"] = F.cross_entropy(self.student.classifier(h.detach()), y)
+            out["ce"] = labelled_cross_entropy(self.student.classifier(h.detach()), target)
             loss = loss + self.ce_weight * out["ce"]
         out["loss"] = loss
         return out
@@ -233,15 +238,14 @@ class TeacherHeadCE(Method):
     def __init__(self, student: nn.Module, teacher: nn.Module | None = None, num_classes: int = 0) -> None:
         if teacher is None:
             raise ConfigError("method 'teacher_head_ce' (GenDD pretrain) needs a teacher")
-        super().__init__(student, teacher, taps=("feature",))
+        super().__init__(student, teacher, student_taps=("feature",), teacher_taps=("feature",))
         ds, dt = self.student.feature_dim, self.teacher.feature_dim
         self.proj = nn.Identity() if ds == dt else nn.Linear(ds, dt)
         freeze_parameters(student, ["classifier"])
 
-    def training_step(self, batch):
-        x, y = batch
-        logits = self.teacher.classifier(self.proj(self.student(x)["feature"]))
-        ce = F.cross_entropy(logits, y)
+    def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        logits = self.teacher.classifier(self.proj(self.student(batch["input"])["feature"]))
+        ce = labelled_cross_entropy(logits, batch["target"])
         return {"ce": ce, "loss": ce}
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

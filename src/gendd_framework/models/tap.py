@@ -1,22 +1,32 @@
 """FeatureTap: named tensors from any model by forward hooks, so models need no edits.
 
-`logits` is the model output, `feature` the input of its final linear classifier (the pooled penultimate
-vector), and any other name is a module path (`layer3`, `features.4`). The classifier is found once,
-the same way for every family: timm's `get_classifier()`, else the last `nn.Linear` in module order.
+A tap is a name: `logits` (the model output), `feature` (the input of the final linear classifier: the
+pooled penultimate vector), or a module path reading the module's output (`layer3`) or input
+(`layer3:input`). The classifier is found the same way for every family: timm's `get_classifier()`,
+else the last `nn.Linear` in module order. Unknown paths fail at build with the closest module paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from gendd_framework.errors import ConfigError
 
+SPECIAL_TAPS = ("logits", "feature")
+
 
 def find_classifier(model: nn.Module) -> nn.Linear:
     """The final linear layer that maps the pooled feature to logits."""
+    if getattr(model, "has_single_classifier", True) is False:
+        raise ConfigError(
+            f"{type(model).__name__} has no single classifier, so it has no 'feature' tap; "
+            "tap member modules by path instead (e.g. 'members.0.fc:input')"
+        )
     getter = getattr(model, "get_classifier", None)
     if callable(getter):
         head = getter()
@@ -32,39 +42,66 @@ def feature_dim(model: nn.Module) -> int:
     return find_classifier(model).in_features
 
 
-class FeatureTap(nn.Module):
-    """Wraps a model; `forward(x)` returns `{"logits": ..., "feature": ..., <path>: ...}`."""
+def parse_tap(spec: str | Mapping[str, Any]) -> tuple[str, str, str]:
+    """`'layer3'`, `'layer3:input'` or `{path: layer3, io: input}` -> (key, path, io)."""
+    if isinstance(spec, Mapping):
+        path, io = str(spec.get("path", "")), str(spec.get("io", "output"))
+    else:
+        path, _, io = str(spec).partition(":")
+        io = io or "output"
+    if not path:
+        raise ConfigError(f"a tap needs a module path, got {spec!r}")
+    if io not in ("input", "output"):
+        raise ConfigError(f"tap '{path}' reads 'input' or 'output' of its module, got io='{io}'")
+    if path in SPECIAL_TAPS:
+        return path, path, io
+    return (path if io == "output" else f"{path}:input"), path, io
 
-    def __init__(self, model: nn.Module, paths: Iterable[str] = ("feature",)) -> None:
+
+def unknown_path_message(model: nn.Module, path: str) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    close = difflib.get_close_matches(path, names, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    children = ", ".join(n for n, _ in model.named_children())
+    return f"module path '{path}' not found in {type(model).__name__}.{hint} Top-level children: {children}"
+
+
+class FeatureTap(nn.Module):
+    """Wraps a model; `forward(x)` returns `{"logits": ..., "feature": ..., <tap>: ...}`."""
+
+    def __init__(self, model: nn.Module, taps: Iterable[str | Mapping[str, Any]] = ("logits",)) -> None:
         super().__init__()
         self.model = model
-        # a plain attribute (not a submodule), so the classifier is not saved twice in state dicts
-        self.__dict__["classifier"] = find_classifier(model)
         self._store: dict[str, torch.Tensor] = {}
         self._handles = []
+        self.taps: list[str] = []
         modules = dict(model.named_modules())
-        for path in dict.fromkeys(paths):
-            if path == "logits":
+        for spec in taps:
+            key, path, io = parse_tap(spec)
+            if key in self.taps:
                 continue
-            if path == "feature":
-                self._handles.append(self.classifier.register_forward_hook(self._save_input("feature")))
+            self.taps.append(key)
+            if key == "logits":
                 continue
-            if path not in modules:
-                raise ConfigError(
-                    f"module path '{path}' not found in {type(model).__name__}; "
-                    f"top-level children: {', '.join(n for n, _ in model.named_children())}"
-                )
-            self._handles.append(modules[path].register_forward_hook(self._save_output(path)))
+            if key == "feature":
+                module, io = self.classifier, "input"
+            elif path in modules and path:
+                module = modules[path]
+            else:
+                raise ConfigError(unknown_path_message(model, path))
+            self._handles.append(module.register_forward_hook(self._hook(key, io)))
 
-    def _save_input(self, name: str):
-        def hook(_module, inputs, _output):
-            self._store[name] = inputs[0]
+    @property
+    def classifier(self) -> nn.Linear:
+        """The final linear layer (looked up when first needed; not a submodule, so not saved twice)."""
+        head = self.__dict__.get("_classifier")
+        if head is None:
+            head = self.__dict__["_classifier"] = find_classifier(self.model)
+        return head
 
-        return hook
-
-    def _save_output(self, name: str):
-        def hook(_module, _inputs, output):
-            self._store[name] = output
+    def _hook(self, name: str, io: str):
+        def hook(_module, inputs, output):
+            self._store[name] = inputs[0] if io == "input" else output
 
         return hook
 
@@ -84,3 +121,20 @@ class FeatureTap(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.classifier.in_features
+
+    @torch.no_grad()
+    def probe(self, example: torch.Tensor) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of every tap from one dry forward in eval mode (BN statistics untouched)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self(example)
+        finally:
+            self.model.train(was_training)
+        shapes = {}
+        for key in self.taps:
+            value = out.get(key)
+            if not isinstance(value, torch.Tensor):
+                raise ConfigError(f"tap '{key}' of {type(self.model).__name__} did not produce a tensor")
+            shapes[key] = tuple(value.shape[1:])
+        return shapes

@@ -1,0 +1,74 @@
+"""Evaluation metrics accumulated over a whole split: accuracy, CE, calibration and teacher agreement.
+
+For every named output of `method.predict`: `acc` (top-1 %), `ce`, `ece` (expected calibration error,
+15 equal-width confidence bins, in %) and, when a reference teacher is given, `agree` (% of samples
+whose top-1 class equals the teacher's) and `kl` (mean KL(teacher ‖ output) at τ=1, in nats): what
+knowledge got distilled, next to how accurate the student is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def calibration_bins(
+    logits: torch.Tensor, target: torch.Tensor, bins: int = 15
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per confidence bin: (count, summed confidence, summed correctness); bins are (k/n, (k+1)/n]."""
+    probs = logits.float().softmax(dim=1)
+    confidence, predicted = probs.max(dim=1)
+    correct = (predicted == target).float()
+    index = (confidence * bins).ceil().long().clamp(1, bins) - 1
+    count = torch.zeros(bins, device=logits.device).index_add_(0, index, torch.ones_like(confidence))
+    conf_sum = torch.zeros(bins, device=logits.device).index_add_(0, index, confidence)
+    acc_sum = torch.zeros(bins, device=logits.device).index_add_(0, index, correct)
+    return count, conf_sum, acc_sum
+
+
+def expected_calibration_error(count: torch.Tensor, conf_sum: torch.Tensor, acc_sum: torch.Tensor) -> float:
+    """Σ_b (n_b/N)·|acc_b − conf_b| in %: the sample-weighted gap between confidence and accuracy."""
+    total = count.sum().clamp_min(1)
+    return float(100.0 * (acc_sum - conf_sum).abs().sum() / total)
+
+
+class MetricAccumulator:
+    """Sums per-output statistics batch by batch; `result()` gives the split's metrics."""
+
+    def __init__(self, bins: int = 15) -> None:
+        self.bins, self.total = bins, 0
+        self.sums: dict[str, dict[str, torch.Tensor | float]] = {}
+
+    def update(
+        self,
+        outputs: dict[str, torch.Tensor],
+        target: torch.Tensor,
+        teacher_logits: torch.Tensor | None = None,
+    ) -> None:
+        self.total += target.numel()
+        teacher_log_probs = teacher_logits.float().log_softmax(dim=1) if teacher_logits is not None else None
+        for name, logits in outputs.items():
+            logits = logits.float()
+            acc = self.sums.setdefault(name, {"correct": 0.0, "ce": 0.0, "bins": None})
+            acc["correct"] += (logits.argmax(1) == target).sum().item()
+            acc["ce"] += F.cross_entropy(logits, target, reduction="sum").item()
+            bins = torch.stack(calibration_bins(logits, target, self.bins))
+            acc["bins"] = bins if acc["bins"] is None else acc["bins"] + bins
+            if teacher_log_probs is not None:
+                log_probs = logits.log_softmax(dim=1)
+                kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(dim=1)
+                agree = (logits.argmax(1) == teacher_log_probs.argmax(1)).sum().item()
+                acc["agree"] = acc.get("agree", 0.0) + agree
+                acc["kl"] = acc.get("kl", 0.0) + kl.sum().item()
+
+    def result(self) -> dict[str, float]:
+        n = max(self.total, 1)
+        metrics: dict[str, float] = {}
+        for name, acc in self.sums.items():
+            metrics[f"acc/{name}"] = 100.0 * acc["correct"] / n
+            metrics[f"ce/{name}"] = acc["ce"] / n
+            metrics[f"ece/{name}"] = expected_calibration_error(*acc["bins"])
+            if "agree" in acc:
+                metrics[f"agree/{name}"] = 100.0 * acc["agree"] / n
+                metrics[f"kl/{name}"] = acc["kl"] / n
+        return metrics
