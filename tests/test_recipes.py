@@ -60,10 +60,12 @@ def compose_recipe(experiment):
     from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=[f"experiment={experiment}"])
+        cfg = hydra_compose(config_name="train", overrides=[f"experiment={experiment}"])
+    return config_lib.apply_recipe(cfg)  # per-recipe method values merged, as a run does
 
 
 def build_method(cfg, num_classes, **method_overrides):
+    cfg = config_lib.apply_recipe(cfg)
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher.model, num_classes=num_classes)
     student = build_model(cfg.student, num_classes=num_classes)
@@ -84,7 +86,7 @@ def test_every_pair_of_the_spec_has_a_recipe_and_nothing_else():
 
 @pytest.mark.parametrize("experiment", RECIPE_FILES)
 def test_recipe_composes_and_validates(compose, experiment):
-    cfg = compose([f"experiment={experiment}"])
+    cfg = config_lib.apply_recipe(compose([f"experiment={experiment}"]))
     config_lib.validate(cfg)
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
@@ -111,7 +113,8 @@ def test_cifar_recipe_settings_match_the_spec(teacher, student, lam, mul, tokens
     )
     s = cfg.sched
     assert (s.name, list(s.milestones), s.gamma, s.warmup_epochs) == ("multistep", [150, 180, 210], 0.1, 50)
-    assert cfg.trainer.epochs == 240 and cfg.trainer.select == "acc/generative"
+    # selection defaults to the method's primary output: GenDD's generative accuracy
+    assert cfg.trainer.epochs == 240 and cfg.trainer.select is None
     assert list(cfg.stages) == ["teacher", "pretrain", "distill"]
     p = cfg.pretrain
     assert (p.epochs, p.optim.name, p.optim.lr, p.optim.weight_decay) == (50, "adamw", 3e-3, 5e-2)

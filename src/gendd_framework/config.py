@@ -10,13 +10,15 @@ import dataclasses
 import difflib
 from collections.abc import Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gendd_framework.engine.trainer import TrainerConfig
 from gendd_framework.errors import ConfigError
 
 REQUIRED_TOP = ("data", "student", "method", "optim", "sched", "trainer", "seed", "stages")
-OPTIONAL_TOP = ("teacher", "logger", "plugins", "paths", "name", "eval", "pretrain", "hydra", "notes")
+OPTIONAL_TOP = (
+    "teacher", "logger", "plugins", "paths", "name", "eval", "pretrain", "hydra", "notes", "recipe"
+)  # fmt: skip
 TRAINER_EXTRA = ("device",)
 TEACHER_KEYS = ("model", "weights", "cache_dir", "train_if_missing", "train", "members", "combine", "run_dir")
 MEMBER_KEYS = ("model", "weights", "train", "cache_dir", "train_if_missing")
@@ -60,6 +62,25 @@ def validate(cfg: DictConfig) -> None:
     missing_values = OmegaConf.missing_keys(cfg)
     if missing_values:
         raise ConfigError(f"config values still '???' (must be set): {', '.join(sorted(missing_values))}")
+
+
+def apply_recipe(cfg: DictConfig) -> DictConfig:
+    """Merge the method's `per_recipe[<cfg.recipe>]` values into the method node and drop the table.
+
+    Per-pair and per-dataset settings (GenDD's λ per CIFAR pair, DKD's β per pair, the digits head)
+    live with the method that owns them, so an experiment names its recipe once (`recipe:
+    cifar100/resnet56_resnet20`) and works with every method: `experiment=... method=dkd`.
+    """
+    method = cfg.get("method")
+    if not isinstance(method, DictConfig) or "per_recipe" not in method:
+        return cfg
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        table = cfg.method.pop("per_recipe") or {}
+        recipe = cfg.get("recipe")
+        if recipe is not None and recipe in table:
+            cfg.method = OmegaConf.merge(cfg.method, table[recipe])
+    return cfg
 
 
 def trainer_config(node: DictConfig | dict, **overrides) -> TrainerConfig:

@@ -30,7 +30,9 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> DictConfi
     path = Path(run_dir) / ".hydra" / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"no run config at {path} (is {run_dir} a gendd-train run directory?)")
-    cfg = OmegaConf.load(path)
+    from gendd_framework.config import apply_recipe
+
+    cfg = apply_recipe(OmegaConf.load(path))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     return cfg

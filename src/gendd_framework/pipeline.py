@@ -172,11 +172,14 @@ def fit_method(
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """Run every configured stage; returns (and writes) the summary."""
+    cfg = config_lib.apply_recipe(cfg)
     config_lib.validate(cfg)
     load_plugins(cfg.get("plugins") or [])
     started = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed))
     data, loader_cfg = build_data(cfg.data)
     ctx = RunContext(

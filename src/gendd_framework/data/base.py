@@ -45,7 +45,8 @@ class BatchDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         sample = as_batch(self.dataset[i], index=i)
         if self.label_mask is not None and not bool(self.label_mask[i]):
-            sample["target"] = UNLABELLED
+            target = sample["target"]  # same type as the visible labels, so batches collate
+            sample["target"] = torch.full_like(target, UNLABELLED) if torch.is_tensor(target) else UNLABELLED
         return sample
 
 

@@ -15,14 +15,16 @@ import torch.nn.functional as F
 def calibration_bins(
     logits: torch.Tensor, target: torch.Tensor, bins: int = 15
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per confidence bin: (count, summed confidence, summed correctness); bins are (k/n, (k+1)/n]."""
-    probs = logits.float().softmax(dim=1)
+    """Per confidence bin: (count, summed confidence, summed correctness) in float64 (sums over a whole
+    split stay exact); bins are (k/n, (k+1)/n]."""
+    probs = logits.double().softmax(dim=1)
     confidence, predicted = probs.max(dim=1)
-    correct = (predicted == target).float()
+    correct = (predicted == target).double()
     index = (confidence * bins).ceil().long().clamp(1, bins) - 1
-    count = torch.zeros(bins, device=logits.device).index_add_(0, index, torch.ones_like(confidence))
-    conf_sum = torch.zeros(bins, device=logits.device).index_add_(0, index, confidence)
-    acc_sum = torch.zeros(bins, device=logits.device).index_add_(0, index, correct)
+    zeros = torch.zeros(bins, dtype=torch.float64, device=logits.device)
+    count = zeros.index_add(0, index, torch.ones_like(confidence))
+    conf_sum = zeros.index_add(0, index, confidence)
+    acc_sum = zeros.index_add(0, index, correct)
     return count, conf_sum, acc_sum
 
 

@@ -30,8 +30,10 @@ class OutputDiscriminator(LossTerm):
     """BCE of a small discriminator telling student logits (label [1,0]) from teacher logits ([0,1]).
 
     As in MEAL V2, student and discriminator minimise the same loss in one optimizer (no gradient
-    reversal): a regulariser. `hidden` defaults to (C/8, C/64) floored at (16, 8); `final_relu` keeps
-    the reference's ReLU after the last layer (it clips the discriminator's logits at 0).
+    reversal): a regulariser. `hidden` defaults to (C/8, C/64) floored at (16, 8) (`[]` = one linear
+    layer); `final_relu` keeps the reference's ReLU after the last layer (it clips the discriminator's
+    logits at 0). Both halves are centred per row first: an ensemble's output is log-probabilities,
+    whose normalisation alone would tell them from student logits.
     """
 
     def __init__(self, hidden: list[int] | None = None, final_relu: bool = True) -> None:
@@ -40,7 +42,8 @@ class OutputDiscriminator(LossTerm):
 
     def setup(self, shapes) -> None:
         num_classes = require_shapes(shapes, "output_discriminator")["student"]["logits"][0]
-        widths = [num_classes, *(self.hidden or (max(num_classes // 8, 16), max(num_classes // 64, 8))), 2]
+        default = (max(num_classes // 8, 16), max(num_classes // 64, 8))
+        widths = [num_classes, *(default if self.hidden is None else self.hidden), 2]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers.append(nn.Linear(a, b))
@@ -50,6 +53,7 @@ class OutputDiscriminator(LossTerm):
 
     def forward(self, student, teacher, batch, ctx):
         s, t = student["logits"].float(), teacher["logits"].float()
+        s, t = s - s.mean(dim=1, keepdim=True), t - t.mean(dim=1, keepdim=True)
         scores = self.net(torch.cat([s, t]))
         labels = torch.zeros_like(scores)
         labels[: len(s), 0] = 1.0

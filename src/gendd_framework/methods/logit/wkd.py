@@ -69,6 +69,12 @@ class WKDLogit(LossTerm):
 
             def compute() -> torch.Tensor:
                 features = stats.class_features(self.cost_tap, self.max_per_class)
+                counts = [len(f) for f in features]
+                if min(counts) < 2:  # centred single rows are all zero: CKA would be 0/0
+                    raise ConfigError(
+                        f"wkd_l's CKA cost needs >= 2 training images per class, class "
+                        f"{counts.index(min(counts))} has {min(counts)}; use cost: fc"
+                    )
                 return linear_cka_cost([f.double() for f in features], sharpen=self.sharpen)
 
             cost = stats.cached("wkd_cka_cost", params, compute)
@@ -101,6 +107,7 @@ def wkd_l(
     cost: str = "cka",
     cost_tap: str = "feature",
     sharpen: float | None = 1.0,
+    max_per_class: int | None = None,
     decay_from_epoch: float = 150.0,
 ):
     """CE + target term + γ·cosine_decay·W (CIFAR-100 R32x4→R8x4: γ=600, τ=8, λ=0.05, 10 iterations,
@@ -120,6 +127,7 @@ def wkd_l(
                 "cost": cost,
                 "cost_tap": cost_tap,
                 "sharpen": sharpen,
+                "max_per_class": max_per_class,
                 "schedule": {"name": "cosine_decay", "start_epoch": decay_from_epoch},
             },
         ],

@@ -1,0 +1,228 @@
+"""The discriminating digits benchmark: every logit method and GenDD on the transfer-set preset.
+
+`experiment=digits/transfer` shows the student the labels of 5% of the training images while the
+distillation terms see every image; the teacher is the cached digits CNN trained on all labels. Each
+(method, seed) is one `gendd-train` run in a scratch folder (two at a time, one thread each); runs whose
+summary exists are not retrained. Results: results/digits_transfer.{md,json,png}.
+
+Every method runs with its config as shipped: published defaults, plus the `per_recipe.digits` entries
+that scale epoch-based settings of 240-epoch CIFAR recipes to the 60 digits epochs (DKD warm-up 20 -> 5,
+WKD-L decay from epoch 150 -> 37.5).
+
+    python benchmarks/digits_transfer.py             # 11 methods x 3 seeds, ~10 min on 2 CPU cores
+    python benchmarks/digits_transfer.py --quick     # 1 seed, 2 epochs: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    BIN,
+    SCRATCH,
+    fmt_ms,
+    machine_info,
+    md_table,
+    mean_std,
+    results_dir,
+    train_env,
+    write_outputs,
+)
+
+TRANSFER = ["experiment=digits/transfer"]
+# (key, label, overrides, stage whose test metrics are reported)
+METHODS: list[tuple[str, str, list[str], str]] = [
+    ("ce", "CE (student alone)", [*TRANSFER, "method=ce"], "distill"),
+    ("kd", "KD (Hinton)", [*TRANSFER, "method=kd"], "distill"),
+    ("kd_ls", "KD + logit standardisation", [*TRANSFER, "method=kd_ls"], "distill"),
+    ("dkd", "DKD", [*TRANSFER, "method=dkd"], "distill"),
+    ("dist", "DIST", [*TRANSFER, "method=dist"], "distill"),
+    ("wkd_l", "WKD-L", [*TRANSFER, "method=wkd_l"], "distill"),
+    ("pld", "PLD", [*TRANSFER, "method=pld"], "distill"),
+    ("meal_v2", "MEAL V2 (3-teacher ensemble)", [*TRANSFER, "method=meal_v2", "teacher=digits_ensemble"],
+     "distill"),
+    (
+        "meal_v2_disc",
+        "MEAL V2 + discriminator",
+        [*TRANSFER, "method=meal_v2", "teacher=digits_ensemble", "method.discriminator=true"],
+        "distill",
+    ),
+    ("born_again", "KD, born-again generation 2",
+     [*TRANSFER, "method=kd", "stages=[teacher,distill,born_again]"], "born_again"),
+    ("gendd", "GenDD", ["experiment=digits/gendd", "data.label_fraction=0.05"], "distill"),
+]  # fmt: skip
+OUTPUTS = ("student", "generative")
+METRICS = ("acc", "agree", "kl", "ece")
+
+
+def run_one(key: str, overrides: list[str], seed: int, run_dir: Path, extra: list[str]) -> float:
+    """Train one (method, seed) unless its summary exists; return wall seconds (0 when skipped)."""
+    if (run_dir / "summary.json").exists():
+        return 0.0
+    cmd = [str(BIN / "gendd-train"), *overrides, f"seed={seed}", "trainer.progress=false", *extra]
+    cmd.append(f"hydra.run.dir={run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with (run_dir.parent / f"{run_dir.name}.log").open("w") as log:
+        proc = subprocess.run(cmd, env=train_env(), stdout=log, stderr=subprocess.STDOUT, check=False)
+    if proc.returncode:
+        raise SystemExit(f"[{key} seed {seed}] gendd-train failed (rc={proc.returncode}): {' '.join(cmd)}")
+    print(f"[{key} seed {seed}] {time.perf_counter() - start:.0f} s", flush=True)
+    return time.perf_counter() - start
+
+
+def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], float]:
+    """Per-method lists of per-seed metrics for each output, plus the teacher's test accuracy."""
+    records, teacher_acc = [], float("nan")
+    for key, label, overrides, stage in METHODS:
+        rec: dict[str, Any] = {
+            "key": key,
+            "label": label,
+            "overrides": overrides,
+            "stage": stage,
+            "seeds": [],
+        }
+        for seed in seeds:
+            path = runs_root / key / f"seed{seed}" / "summary.json"
+            if not path.exists():
+                continue
+            summary = json.loads(path.read_text())
+            rec["seeds"].append(seed)
+            rec.setdefault("elapsed_s", []).append(summary["elapsed_s"])
+            for out in OUTPUTS:
+                for metric in METRICS:
+                    value = summary[stage]["test"].get(f"{metric}/{out}")
+                    if value is not None:
+                        rec.setdefault(f"{metric}/{out}", []).append(value)
+            if key == "kd":
+                teacher_acc = summary["teacher"]["test"]["acc/student"]
+        records.append(rec)
+    return records, teacher_acc
+
+
+def criterion(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """KD beats CE by more than twice the larger of their standard deviations."""
+    by_key = {r["key"]: r for r in records}
+    (kd_m, kd_s), (ce_m, ce_s) = mean_std(by_key["kd"]["acc/student"]), mean_std(by_key["ce"]["acc/student"])
+    margin, needed = kd_m - ce_m, 2 * max(kd_s, ce_s)
+    return {"kd_minus_ce": round(margin, 2), "two_max_std": round(needed, 2), "passes": margin > needed}
+
+
+def render(records: list[dict[str, Any]], teacher_acc: float, check: dict[str, Any]) -> str:
+    header = ["method", "runs", "acc (%)", "agreement (%)", "KL(t‖s)", "ECE (%)", "generative acc (%)",
+              "generative agreement (%)", "s/run"]  # fmt: skip
+    rows = []
+    for rec in records:
+        secs = rec.get("elapsed_s", [])
+        rows.append([
+            rec["label"], len(rec["seeds"]), fmt_ms(rec.get("acc/student")), fmt_ms(rec.get("agree/student")),
+            fmt_ms(rec.get("kl/student"), 3), fmt_ms(rec.get("ece/student")),
+            fmt_ms(rec.get("acc/generative")), fmt_ms(rec.get("agree/generative")),
+            f"{sum(secs) / len(secs):.0f}" if secs else "–",
+        ])  # fmt: skip
+    verdict = "passes" if check["passes"] else "FAILS"
+    notes = [
+        "Digits transfer set: the student sees the labels of 5% of the training images (stratified), the",
+        "distillation terms see all of them. Test split: 449 images (one image = 0.22 points). Best-on-val",
+        "checkpoint, mean ± sample std over seeds. Agreement = % of test images where the student's top-1",
+        "equals the teacher's; KL = mean KL(teacher ‖ student) at τ=1 (nats); ECE = 15-bin expected",
+        "calibration error. GenDD's `generative` logits: DDPM 100 steps, guidance 2, one sample. The",
+        "born-again row reports generation 2 (the KD student of generation 1 teaches a fresh student).",
+        "MEAL V2 rows use a 3-member ensemble teacher (its members' accuracies are in each summary.json).",
+        "",
+        f"- Teacher (small_cnn on all labels) test accuracy: {teacher_acc:.2f}%.",
+        f"- Criterion (KD − CE > 2 × max std): KD − CE = {check['kd_minus_ce']:.2f} vs "
+        f"{check['two_max_std']:.2f}: {verdict}.",
+        "- s/run = mean `elapsed_s` per run (two runs at a time on a shared 2-core machine).",
+    ]
+    return (
+        "## Digits transfer set: every logit method and GenDD\n\n"
+        + md_table(header, rows)
+        + "\n\n"
+        + "\n".join(notes)
+    )
+
+
+def plot(records: list[dict[str, Any]], teacher_acc: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_agree) = plt.subplots(1, 2, figsize=(13, 4.8))
+    labels = [textwrap.fill(r["label"], 14) for r in records]
+    for ax, metric, title in (
+        (ax_acc, "acc", "test accuracy (%)"),
+        (ax_agree, "agree", "agreement with teacher (%)"),
+    ):
+        for offset, out, colour in ((-0.2, "student", "tab:blue"), (0.2, "generative", "tab:orange")):
+            xs, ms, ss = [], [], []
+            for i, rec in enumerate(records):
+                if rec.get(f"{metric}/{out}"):
+                    m, s = mean_std(rec[f"{metric}/{out}"])
+                    xs.append(i + offset), ms.append(m), ss.append(s)
+            ax.bar(xs, ms, 0.4, yerr=ss, capsize=3, color=colour, label=f"{out} logits")
+        if metric == "acc":
+            ax.axhline(teacher_acc, color="k", ls="--", lw=1, label=f"teacher ({teacher_acc:.2f})")
+        ax.set_ylim(75, 100.5)
+        ax.set_xticks(range(len(records)), labels, fontsize=7)
+        ax.set_title(title)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("Digits transfer set (5% labels): mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, scratch results folder")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (quick: 0)")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--runs-dir", default=None, help="default: .cache/gendd/benchmarks/digits_transfer")
+    parser.add_argument("--results-dir", default=None, help="tables/plots (default: benchmarks/results)")
+    parser.add_argument("--methods", nargs="+", default=None, help="only these keys, e.g. ce kd dkd")
+    args = parser.parse_args()
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    runs_root = (
+        Path(args.runs_dir) if args.runs_dir else SCRATCH / ("digits_transfer" + ("_quick" * args.quick))
+    )
+    extra = ["trainer.epochs=2"] if args.quick else []
+    chosen = [m for m in METHODS if args.methods is None or m[0] in args.methods]
+    # every method's first seed before any second seed: partial results stay comparable
+    jobs = [(key, overrides, seed) for seed in seeds for key, _, overrides, _ in chosen]
+    start = time.perf_counter()
+    run_one("kd", METHODS[1][2], seeds[0], runs_root / "kd" / f"seed{seeds[0]}", extra)  # caches the teacher
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        list(pool.map(lambda j: run_one(j[0], j[1], j[2], runs_root / j[0] / f"seed{j[2]}", extra), jobs))
+    records, teacher_acc = summarise(runs_root, seeds)
+    check = criterion(records)
+    markdown = render(records, teacher_acc, check)
+    out = results_dir(args.quick, args.results_dir)
+    data = {
+        "benchmark": "digits_transfer",
+        "seeds": seeds,
+        "extra_overrides": extra,
+        "runs_dir": str(runs_root),
+        "teacher_test_acc": teacher_acc,
+        "criterion": check,
+        "methods": records,
+        "wall_s_this_invocation": round(time.perf_counter() - start, 1),
+        "machine": machine_info(),
+    }
+    write_outputs(out, "digits_transfer", markdown, data)
+    plot(records, teacher_acc, out / "digits_transfer.png")
+    print(f"wrote {out / 'digits_transfer.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Every registered method trains two steps and evaluates once (tiny shapes), and every experiment
+composes and builds with every logit method (random-init models, nothing trained)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import gendd_framework.components  # noqa: F401  (registrations)
+from gendd_framework import config as config_lib
+from gendd_framework.cli import config_dir
+from gendd_framework.context import StepContext
+from gendd_framework.data.base import BatchDataset
+from gendd_framework.engine.statistics import TeacherStatistics
+from gendd_framework.engine.trainer import evaluate
+from gendd_framework.models import build_model
+from gendd_framework.models.ensemble import EnsembleTeacher
+from gendd_framework.registry import METHODS, OPTIMIZERS, split_spec
+from gendd_framework.stages import teacher_architecture
+
+METHOD_FILES = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
+LOGIT_FILES = [m for m in METHOD_FILES if not m.startswith("gendd")]
+EXPERIMENTS = sorted(
+    p.relative_to(config_dir() / "experiment").with_suffix("").as_posix()
+    for p in (config_dir() / "experiment").rglob("*.yaml")
+    if not p.name.startswith("_")
+)
+INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "imagefolder": None}
+# methods registered by the library itself (plugins from registry/ are tested in test_registry.py)
+BUILT_IN = {"ce", "kd", "distill", "dkd", "dist", "wkd_l", "pld", "meal_v2", "gendd", "teacher_head_ce"}
+
+
+def tiny_data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 8, 8, generator=g), torch.arange(n) % 10
+    target = y.clone()
+    target[::4] = -1  # a transfer set: some labels hidden from the student
+    return BatchDataset(TensorDataset(x, target)), BatchDataset(TensorDataset(x, y))
+
+
+def tiny_teacher(method_name):
+    torch.manual_seed(1)
+    make = lambda w: build_model({"name": "small_cnn", "channels": [8, w]}, num_classes=10)  # noqa: E731
+    if method_name == "meal_v2":
+        return EnsembleTeacher([make(64).eval(), make(32).eval()], "probs")
+    return make(64).eval()  # 64-d feature: one GenDD token
+
+
+def method_spec(compose, config_name):
+    cfg = config_lib.apply_recipe(compose([f"method={config_name}"]))
+    return split_spec(cfg.method, "method")
+
+
+def test_every_built_in_method_has_a_config_and_is_tested(compose):
+    names = {method_spec(compose, m)[0] for m in METHOD_FILES}
+    assert BUILT_IN - {"teacher_head_ce"} <= names  # teacher_head_ce is the pretrain stage's method
+    assert set(METHODS.names()) - {"mimic"} == BUILT_IN  # a new method must be added here (and tested)
+
+
+@pytest.mark.parametrize("config_name", [*METHOD_FILES, "teacher_head_ce"])
+def test_method_trains_two_steps_and_evaluates_once(compose, tmp_path, config_name):
+    if config_name == "teacher_head_ce":
+        name, kwargs = "teacher_head_ce", {}
+    else:
+        name, kwargs = method_spec(compose, config_name)
+    if name == "gendd":  # a small head and few sampling steps: this checks wiring, not quality
+        kwargs.update(head={"name": "mlp_adaln", "width": 32, "depth": 1}, diffusion_batch_mul=2)
+        kwargs["sampler"] = {**kwargs["sampler"], "steps": 4}
+    torch.manual_seed(0)
+    student = build_model({"name": "small_cnn", "channels": [4, 8]}, num_classes=10)
+    teacher = tiny_teacher(config_name)
+    method = METHODS.build(
+        {"name": name, **kwargs}, student=student, teacher=teacher, num_classes=10, input_shape=(1, 8, 8)
+    )
+    train, test = tiny_data()
+    if method.teacher is not None:
+        stats = TeacherStatistics(teacher, train, 10, torch.device("cpu"), tmp_path, {"tiny": 1})
+        method.prepare(stats)
+    optimizer = OPTIMIZERS.build({"name": "adamw", "lr": 1e-2}, params=method.param_groups(1e-4))
+    before = [p.detach().clone() for p in student.parameters()]
+    loader = DataLoader(train, batch_size=20, shuffle=False)
+    method.train()
+    for step, batch in enumerate(loader):
+        out = method.training_step(batch, StepContext(step=step, steps_per_epoch=2, total_steps=2))
+        assert torch.isfinite(out["loss"]), out
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    changed = [not torch.equal(a, b) for a, b in zip(before, student.parameters())]
+    assert any(changed), "two optimizer steps left the student unchanged"
+    if method.teacher is not None:  # ce ignores the teacher it is offered
+        assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+    metrics = evaluate(method, DataLoader(test, batch_size=12), torch.device("cpu"), teacher=teacher)
+    for output in method.predict(test[0]["input"][None]):
+        for key in ("acc", "ce", "ece", "agree", "kl"):
+            assert f"{key}/{output}" in metrics
+
+
+@pytest.mark.parametrize("method", LOGIT_FILES)
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_builds_with_every_logit_method(compose, experiment, method):
+    cfg = config_lib.apply_recipe(compose([f"experiment={experiment}", f"method={method}"]))
+    config_lib.validate(cfg)
+    data = cfg.data.name
+    shape = INPUT_SHAPES[data] or (3, cfg.data.size, cfg.data.size)
+    classes = {"digits": 10, "cifar10": 10, "cifar100": 100, "imagefolder": 1000}[data]
+    torch.manual_seed(0)
+    student = build_model(cfg.student, num_classes=classes)
+    teacher = teacher_architecture(cfg.teacher, classes)
+    name, kwargs = split_spec(cfg.method, "method")
+    built = METHODS.build(
+        {"name": name, **kwargs}, student=student, teacher=teacher, num_classes=classes, input_shape=shape
+    )
+    assert built.param_groups(0.1)[0]["params"], "nothing to train"

@@ -1,0 +1,202 @@
+"""gendd-report on fake run directories with known numbers."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+
+import pytest
+
+from gendd_framework.report import aggregate, collect, default_metrics, final_stage, main, markdown, render
+
+SEEDS = (0, 1, 2)
+
+
+def kd_summary(seed: int) -> dict:
+    """A KD run: teacher + distill, one output."""
+    test = {
+        "acc/student": 90.0 + seed,
+        "ce/student": 0.30 + 0.01 * seed,
+        "ece/student": 2.0 + 0.5 * seed,
+        "agree/student": 93.0 + 2 * seed,
+        "kl/student": 0.10 + 0.02 * seed,
+    }
+    return {
+        "name": "digits_kd",
+        "seed": seed,
+        "method": "kd",
+        "device": "cpu",
+        "elapsed_s": 1.0,
+        "teacher": {"source": "cache:x.pt", "val": {"acc/student": 98.0}, "test": {"acc/student": 99.0}},
+        "distill": {
+            "best_epoch": 4,
+            "val": {"acc/student": 91.0 + seed},
+            "test": test,
+            "test_last": {**test, "acc/student": 89.0 + 0.5 * seed},
+        },
+    }
+
+
+def gendd_summary(seed: int) -> dict:
+    """A GenDD run: pretrain, then distill with two outputs; a different teacher accuracy per seed."""
+    test = {"acc/student": 80.0 + 3 * seed, "acc/generative": 82.0 - seed}
+    test |= {
+        f"{m}/{o}": 1.0 + seed + i
+        for i, m in enumerate(("ece", "agree", "kl"))
+        for o in ("student", "generative")
+    }
+    return {
+        "name": "digits_gendd",
+        "seed": seed,
+        "method": "gendd",
+        "teacher": {"val": {"acc/student": 97.0}, "test": {"acc/student": 98.0 + 0.1 * seed}},
+        "pretrain": {"val": {"acc/student": 50.0}, "test": {"acc/student": 55.0 + seed}},
+        "distill": {
+            "best_epoch": 7,
+            "val": {"acc/student": 81.0},
+            "test": test,
+            "test_last": {"acc/student": 79.0 + seed, "acc/generative": 80.0 + 2 * seed},
+        },
+    }
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed in SEEDS:
+        for make in (kd_summary, gendd_summary):
+            summary = make(seed)
+            run_dir = tmp_path / "multirun" / summary["name"] / f"{seed}"
+            run_dir.mkdir(parents=True)
+            (run_dir / "summary.json").write_text(json.dumps(summary))
+    return tmp_path / "multirun"
+
+
+def expected(make, stage: str, split: str, metric: str) -> tuple[float, float]:
+    values = [make(seed)[stage][split][metric] for seed in SEEDS]
+    return statistics.mean(values), statistics.stdev(values)
+
+
+def md_cell(mean_std: tuple[float, float], decimals: int = 2) -> str:
+    return f"{mean_std[0]:.{decimals}f} ± {mean_std[1]:.{decimals}f}"
+
+
+def md_rows(text: str) -> dict[str, dict[str, str]]:
+    """Markdown table -> {method: {column: cell}}."""
+    lines = [line.strip().strip("|").split("|") for line in text.strip().splitlines()]
+    head = [c.strip() for c in lines[0]]
+    return {cells[0].strip(): dict(zip(head, (c.strip() for c in cells))) for cells in lines[2:]}
+
+
+def test_collect_flattens_every_split_including_test_last(runs):
+    rows = collect(runs)
+    assert len(rows) == 6
+    row = next(r for r in rows if r["name"] == "digits_kd" and r["seed"] == 1)
+    assert row["distill/test_last/acc/student"] == 89.5
+    assert row["teacher/test/acc/student"] == 99.0
+    assert final_stage(row) == "distill"
+    gendd = next(r for r in rows if r["name"] == "digits_gendd")
+    assert final_stage(gendd) == "distill"  # the last stage with test numbers, not pretrain
+
+
+def test_final_stage_skips_the_teacher_and_follows_summary_order():
+    row = {
+        "teacher/test/acc/student": 1,
+        "born_again_1/test/acc/student": 2,
+        "born_again_2/test/acc/student": 3,
+    }
+    assert final_stage(row) == "born_again_2"
+    assert final_stage({"teacher/test/acc/student": 1}) is None
+
+
+def test_default_columns(runs):
+    metrics = default_metrics(collect(runs))
+    assert metrics == [
+        "teacher/test/acc/student",
+        "distill/test/acc/student",
+        "distill/test_last/acc/student",
+        "distill/test/acc/generative",
+        "distill/test_last/acc/generative",
+        "distill/test/agree/student",
+        "distill/test/agree/generative",
+        "distill/test/kl/student",
+        "distill/test/kl/generative",
+        "distill/test/ece/student",
+        "distill/test/ece/generative",
+    ]
+
+
+def test_markdown_mean_std_and_labels(runs):
+    table = md_rows(render(collect(runs), default_metrics(collect(runs))))
+    kd, gendd = table["digits_kd"], table["digits_gendd"]
+    assert kd["runs"] == "3" and gendd["runs"] == "3"
+    # the teacher is its own column, never mixed with the students
+    assert kd["teacher acc"] == md_cell(expected(kd_summary, "teacher", "test", "acc/student"))
+    assert gendd["teacher acc"] == md_cell(expected(gendd_summary, "teacher", "test", "acc/student"))
+    assert kd["acc student"] == md_cell(expected(kd_summary, "distill", "test", "acc/student"))
+    assert kd["last acc student"] == md_cell(expected(kd_summary, "distill", "test_last", "acc/student"))
+    assert kd["agree student"] == md_cell(expected(kd_summary, "distill", "test", "agree/student"))
+    assert kd["KL student"] == md_cell(expected(kd_summary, "distill", "test", "kl/student"), 3)
+    assert kd["ECE student"] == md_cell(expected(kd_summary, "distill", "test", "ece/student"))
+    assert kd["acc generative"] == "–"  # KD has no generative head
+    assert gendd["acc generative"] == md_cell(expected(gendd_summary, "distill", "test", "acc/generative"))
+    assert gendd["last acc generative"] == md_cell(
+        expected(gendd_summary, "distill", "test_last", "acc/generative")
+    )
+    assert gendd["ECE generative"] == md_cell(expected(gendd_summary, "distill", "test", "ece/generative"))
+    assert not any("pretrain" in column for column in gendd)
+
+
+def test_csv_has_full_precision_mean_and_std(runs):
+    rows = collect(runs)
+    text = render(rows, default_metrics(rows), "csv")
+    table = {r["method"]: r for r in csv.DictReader(io.StringIO(text))}
+    for make, name in ((kd_summary, "digits_kd"), (gendd_summary, "digits_gendd")):
+        for column, (stage, split, metric) in {
+            "teacher acc": ("teacher", "test", "acc/student"),
+            "acc student": ("distill", "test", "acc/student"),
+            "last acc student": ("distill", "test_last", "acc/student"),
+            "KL student": ("distill", "test", "kl/student"),
+        }.items():
+            mean, std = expected(make, stage, split, metric)
+            assert float(table[name][column]) == pytest.approx(mean, rel=1e-12)
+            assert float(table[name][f"{column} std"]) == pytest.approx(std, rel=1e-12)
+    assert table["digits_kd"]["acc generative"] == ""
+
+
+def test_explicit_metrics_and_labels(runs, capsys):
+    main([str(runs), "--metric", "pretrain/test/acc/student", "distill/val/acc/student"])
+    table = md_rows(capsys.readouterr().out)
+    assert set(table["digits_gendd"]) == {"method", "runs", "pretrain acc student", "val acc student"}
+    assert table["digits_gendd"]["pretrain acc student"] == md_cell(
+        expected(gendd_summary, "pretrain", "test", "acc/student")
+    )
+    assert table["digits_kd"]["pretrain acc student"] == "–"
+
+
+def test_main_writes_out(runs, tmp_path, capsys):
+    out = tmp_path / "tables" / "report.csv"
+    main([str(runs), "--format", "csv", "--out", str(out)])
+    assert out.read_text() == capsys.readouterr().out
+    header = out.read_text().splitlines()[0].split(",")
+    assert header[:4] == ["method", "runs", "teacher acc", "teacher acc std"]
+    assert "last acc student" in header
+
+    md = tmp_path / "report.md"
+    main([str(runs), "--out", str(md)])
+    assert "| method | runs | teacher acc | acc student | last acc student |" in md.read_text()
+
+
+def test_main_without_runs(tmp_path):
+    with pytest.raises(SystemExit, match="no summary.json"):
+        main([str(tmp_path)])
+
+
+def test_legacy_api_still_composes(runs):
+    """benchmarks/ and older scripts call collect -> aggregate -> markdown with raw keys."""
+    rows = collect(runs)
+    metrics = ["distill/test/acc/student"]
+    text = markdown(aggregate(rows, metrics), metrics)
+    assert text.splitlines()[0] == "| method | runs | distill/test/acc/student |"
+    assert md_cell(expected(kd_summary, "distill", "test", "acc/student")) in text
