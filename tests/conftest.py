@@ -31,10 +31,10 @@ def compose(cache_dir):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    def _compose(overrides=(), config_dirs=()):
+    def _compose(overrides=(), config_dirs=(), fast=FAST):
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
             extra = [f"hydra.searchpath=[file://{d}]" for d in config_dirs]
-            return hydra_compose(config_name="train", overrides=[*FAST, *overrides, *extra])
+            return hydra_compose(config_name="train", overrides=[*fast, *overrides, *extra])
 
     return _compose
 

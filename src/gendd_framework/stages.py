@@ -89,14 +89,22 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
     return model, {"source": f"trained:{cache}", "best_epoch": fit["best_epoch"]}
 
 
+def run_config_path(run_dir: Path) -> Path | None:
+    """A finished run's config: `config_resolved.yaml` (written by every run), else Hydra's copy."""
+    for path in (run_dir / "config_resolved.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return path
+    return None
+
+
 def teacher_from_run(ctx: RunContext, node: dict) -> tuple[nn.Module, dict[str, Any]]:
     """The student of an earlier run (`<run_dir>/student.pt`), built from that run's saved config."""
     run_dir = Path(str(node["run_dir"])).expanduser()
-    config_path, weights = run_dir / ".hydra" / "config.yaml", run_dir / "student.pt"
-    if not config_path.is_file() or not weights.is_file():
+    config_path, weights = run_config_path(run_dir), run_dir / "student.pt"
+    if config_path is None or not weights.is_file():
         raise ConfigError(
             f"teacher.run_dir={run_dir} is not a finished gendd-train run "
-            "(needs .hydra/config.yaml and student.pt)"
+            "(needs config_resolved.yaml or .hydra/config.yaml, and student.pt)"
         )
     spec = node.get("model") or plain(OmegaConf.load(config_path).student)
     model = build_model(
@@ -113,9 +121,9 @@ def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
         members = [build_model(m["model"], num_classes=num_classes) for m in tcfg["members"]]
         return EnsembleTeacher(members, tcfg.get("combine", "probs"))
     if tcfg.get("run_dir") and not tcfg.get("model"):
-        config_path = Path(str(tcfg["run_dir"])).expanduser() / ".hydra" / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"teacher.run_dir: no run config at {config_path}")
+        config_path = run_config_path(Path(str(tcfg["run_dir"])).expanduser())
+        if config_path is None:
+            raise ConfigError(f"teacher.run_dir={tcfg['run_dir']}: no run config found")
         return build_model(plain(OmegaConf.load(config_path).student), num_classes=num_classes)
     return build_model(tcfg["model"], num_classes=num_classes)
 
@@ -145,7 +153,9 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
         members = []
         for i, member in enumerate(tcfg["members"]):
             seed_everything(int(ctx.cfg.seed))
-            model_i, record_i = single_teacher(ctx, {**shared, **member}, stage=f"teacher_{i}")
+            node = {**shared, **member}  # a member's `train` refines the shared recipe key by key
+            node["train"] = {**(shared.get("train") or {}), **(member.get("train") or {})} or None
+            model_i, record_i = single_teacher(ctx, node, stage=f"teacher_{i}")
             members.append(freeze(model_i.to(ctx.device)))
             record[f"member_{i}"] = {**record_i, **evaluate_teacher(ctx, model_i)}
         model = EnsembleTeacher(members, tcfg.get("combine", "probs"))
