@@ -36,6 +36,11 @@ def test_born_again_generations_each_distil_from_the_previous_student(compose, t
     assert summary["gen3"]["teacher"]["test"]["acc/student"] == summary["gen2"]["test"]["acc/student"]
     for name in ("gen2", "gen3"):
         assert (tmp_path / "checkpoints" / f"{name}_best.pt").exists()
+    from gendd_framework.evaluate import RunEvaluator
+
+    again = RunEvaluator(tmp_path, stage="gen3", device="cpu").evaluate(split="test")
+    assert again["acc/student"] == summary["gen3"]["test"]["acc/student"]
+    assert again["agree/student"] == summary["gen3"]["test"]["agree/student"]  # vs its own teacher: gen2
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in rows} >= {"distill", "gen2", "gen3"}  # the teacher was cached
 

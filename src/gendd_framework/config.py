@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Iterable
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -81,6 +82,14 @@ def apply_recipe(cfg: DictConfig) -> DictConfig:
         if recipe is not None and recipe in table:
             cfg.method = OmegaConf.merge(cfg.method, table[recipe])
     return cfg
+
+
+def run_config_path(run_dir: Path) -> Path | None:
+    """A finished run's config: `config_resolved.yaml` (written by every run), else Hydra's copy."""
+    for path in (run_dir / "config_resolved.yaml", run_dir / ".hydra" / "config.yaml"):
+        if path.is_file():
+            return path
+    return None
 
 
 def trainer_config(node: DictConfig | dict, **overrides) -> TrainerConfig:

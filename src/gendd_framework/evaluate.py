@@ -27,11 +27,11 @@ from gendd_framework.registry import METHODS, split_spec
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> DictConfig:
-    path = Path(run_dir) / ".hydra" / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"no run config at {path} (is {run_dir} a gendd-train run directory?)")
-    from gendd_framework.config import apply_recipe
+    from gendd_framework.config import apply_recipe, run_config_path
 
+    path = run_config_path(Path(run_dir))
+    if path is None:
+        raise ConfigError(f"no run config in {run_dir} (is it a gendd-train run directory?)")
     cfg = apply_recipe(OmegaConf.load(path))
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
@@ -52,6 +52,15 @@ def merge_method(base: DictConfig, overrides: dict[str, Any]) -> DictConfig:
     return node
 
 
+def stage_kind(cfg: DictConfig, stage: str) -> str:
+    """The registered stage behind a stage name (`gen2` -> `born_again`); the name itself if unlisted."""
+    for spec in cfg.get("stages") or []:
+        name, kwargs = split_spec(spec, "stage")
+        if kwargs.get("stage_name", name) == stage:
+            return name
+    return stage
+
+
 class RunEvaluator:
     """Holds a run's data and trained weights; builds the method anew for each evaluation setting."""
 
@@ -62,6 +71,7 @@ class RunEvaluator:
         self.device = resolve_device(device)
         self.data, self.loader_cfg = build_data(self.cfg.data)
         self.state = load_checkpoint(self.run_dir / "checkpoints" / f"{stage}_best.pt")["method"]
+        self.stage_kind = stage_kind(self.cfg, stage)
 
     def build_method(self, method_overrides: dict[str, Any] | None = None):
         node = merge_method(self.cfg.method, method_overrides or {})
@@ -69,9 +79,12 @@ class RunEvaluator:
         from gendd_framework.stages import teacher_architecture
 
         student = build_model(self.cfg.student, num_classes=self.data.num_classes)
-        teacher = (
-            teacher_architecture(self.cfg.teacher, self.data.num_classes) if self.cfg.get("teacher") else None
-        )
+        if self.stage_kind == "born_again":  # that stage's teacher is the previous student
+            teacher = build_model(self.cfg.student, num_classes=self.data.num_classes)
+        elif self.cfg.get("teacher"):
+            teacher = teacher_architecture(self.cfg.teacher, self.data.num_classes)
+        else:
+            teacher = None
         method = METHODS.build(
             {"name": name, **kwargs},
             student=student,

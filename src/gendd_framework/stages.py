@@ -89,18 +89,10 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
     return model, {"source": f"trained:{cache}", "best_epoch": fit["best_epoch"]}
 
 
-def run_config_path(run_dir: Path) -> Path | None:
-    """A finished run's config: `config_resolved.yaml` (written by every run), else Hydra's copy."""
-    for path in (run_dir / "config_resolved.yaml", run_dir / ".hydra" / "config.yaml"):
-        if path.is_file():
-            return path
-    return None
-
-
 def teacher_from_run(ctx: RunContext, node: dict) -> tuple[nn.Module, dict[str, Any]]:
     """The student of an earlier run (`<run_dir>/student.pt`), built from that run's saved config."""
     run_dir = Path(str(node["run_dir"])).expanduser()
-    config_path, weights = run_config_path(run_dir), run_dir / "student.pt"
+    config_path, weights = config_lib.run_config_path(run_dir), run_dir / "student.pt"
     if config_path is None or not weights.is_file():
         raise ConfigError(
             f"teacher.run_dir={run_dir} is not a finished gendd-train run "
@@ -121,7 +113,7 @@ def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
         members = [build_model(m["model"], num_classes=num_classes) for m in tcfg["members"]]
         return EnsembleTeacher(members, tcfg.get("combine", "probs"))
     if tcfg.get("run_dir") and not tcfg.get("model"):
-        config_path = run_config_path(Path(str(tcfg["run_dir"])).expanduser())
+        config_path = config_lib.run_config_path(Path(str(tcfg["run_dir"])).expanduser())
         if config_path is None:
             raise ConfigError(f"teacher.run_dir={tcfg['run_dir']}: no run config found")
         return build_model(plain(OmegaConf.load(config_path).student), num_classes=num_classes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gendd_framework.losses.kd import standardize_logits
+from gendd_framework.losses.kd import standardized_pair
 
 
 def pearson_correlation(a: torch.Tensor, b: torch.Tensor, dim: int, eps: float = 1e-8) -> torch.Tensor:
@@ -41,9 +41,7 @@ def dist_loss(
     L_inter = 1 - mean_i ρ(Y_s[i, :], Y_t[i, :]) (rows: a sample's class profile);
     L_intra = 1 - mean_j ρ(Y_s[:, j], Y_t[:, j]) (columns: a class across the batch).
     """
-    if standardize:
-        student_logits = standardize_logits(student_logits)
-        teacher_logits = standardize_logits(teacher_logits)
+    student_logits, teacher_logits = standardized_pair(student_logits, teacher_logits, standardize)
     y_s = (student_logits / temperature).softmax(dim=1)
     y_t = (teacher_logits / temperature).softmax(dim=1)
     inter = 1 - pearson_correlation(y_s, y_t, dim=1, eps=eps).mean()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from gendd_framework.losses.kd import standardize_logits
+from gendd_framework.losses.kd import standardized_pair
 
 
 def _split_logits(z: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,9 +45,7 @@ def dkd_terms_per_sample(
 
     NCKD uses the target-removed softmax, so for C=2 (a single non-target class) it is exactly 0.
     """
-    if standardize:
-        student_logits = standardize_logits(student_logits)
-        teacher_logits = standardize_logits(teacher_logits)
+    student_logits, teacher_logits = standardized_pair(student_logits, teacher_logits, standardize)
     s_y, s_not, s_hat = _binary_and_nontarget_logprobs(student_logits, target, temperature)
     t_y, t_not, t_hat = _binary_and_nontarget_logprobs(teacher_logits, target, temperature)
     tckd = t_y.exp() * (t_y - s_y) + t_not.exp() * (t_not - s_not)

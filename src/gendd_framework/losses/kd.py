@@ -17,6 +17,15 @@ def standardize_logits(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (z - mean) / (std + eps)
 
 
+def standardized_pair(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, standardize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both logit vectors z-scored when `standardize` (the switch shared by KD, DKD and DIST)."""
+    if not standardize:
+        return student_logits, teacher_logits
+    return standardize_logits(student_logits), standardize_logits(teacher_logits)
+
+
 def kd_kl_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -27,9 +36,7 @@ def kd_kl_loss(
 
     The T² keeps the gradient magnitude comparable across temperatures (gradients scale as 1/T²).
     """
-    if standardize:
-        student_logits = standardize_logits(student_logits)
-        teacher_logits = standardize_logits(teacher_logits)
+    student_logits, teacher_logits = standardized_pair(student_logits, teacher_logits, standardize)
     log_p_s = F.log_softmax(student_logits / temperature, dim=1)
     log_p_t = F.log_softmax(teacher_logits / temperature, dim=1)
     kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
