@@ -136,6 +136,8 @@ def render(records: list[dict[str, Any]], teacher_acc: float, check: dict[str, A
         "calibration error. GenDD's `generative` logits: DDPM 100 steps, guidance 2, one sample. The",
         "born-again row reports generation 2 (the KD student of generation 1 teaches a fresh student).",
         "MEAL V2 rows use a 3-member ensemble teacher (its members' accuracies are in each summary.json).",
+        "Agreement and KL are measured against the run's own teacher: the ensemble for MEAL V2, the",
+        "generation-1 student for born-again, the CNN teacher for every other row.",
         "",
         f"- Teacher (small_cnn on all labels) test accuracy: {teacher_acc:.2f}%.",
         f"- Criterion (KD − CE > 2 × max std): KD − CE = {check['kd_minus_ce']:.2f} vs "
@@ -157,7 +159,7 @@ def plot(records: list[dict[str, Any]], teacher_acc: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_acc, ax_agree) = plt.subplots(1, 2, figsize=(13, 4.8))
-    labels = [textwrap.fill(r["label"], 14) for r in records]
+    labels = [textwrap.shorten(r["label"], 28, placeholder="…") for r in records]
     for ax, metric, title in (
         (ax_acc, "acc", "test accuracy (%)"),
         (ax_agree, "agree", "agreement with teacher (%)"),
@@ -172,7 +174,7 @@ def plot(records: list[dict[str, Any]], teacher_acc: float, path: Path) -> None:
         if metric == "acc":
             ax.axhline(teacher_acc, color="k", ls="--", lw=1, label=f"teacher ({teacher_acc:.2f})")
         ax.set_ylim(75, 100.5)
-        ax.set_xticks(range(len(records)), labels, fontsize=7)
+        ax.set_xticks(range(len(records)), labels, fontsize=7, rotation=35, ha="right")
         ax.set_title(title)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Digits transfer set (5% labels): mean ± std over seeds")
