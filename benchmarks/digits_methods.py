@@ -47,7 +47,7 @@ METHODS = [
 # No labels and ce_weight 0: the student's own fc is never trained, its logits are chance level.
 UNTRAINED_FC = {"digits/gendd_unsup"}
 STUDENT, GENERATIVE = "distill/test/acc/student", "distill/test/acc/generative"
-TEACHER = "teacher/test/acc/student"
+TEACHER = "teacher/test/acc/teacher"
 
 
 def run_method(experiment: str, seeds: list[int], sweep_dir: Path, extra: list[str]) -> float:

@@ -102,7 +102,8 @@ def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], 
                     if value is not None:
                         rec.setdefault(f"{metric}/{out}", []).append(value)
             if key == "kd":
-                teacher_acc = summary["teacher"]["test"]["acc/student"]
+                teacher = summary["teacher"]["test"]  # runs before the rename keyed it acc/student
+                teacher_acc = teacher.get("acc/teacher", teacher.get("acc/student"))
         records.append(rec)
     return records, teacher_acc
 

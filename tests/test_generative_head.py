@@ -56,7 +56,7 @@ def test_init_statistics_and_official_parameter_count():
         + (W * 2 * W + 2 * W)
         + (W * 128 + 128)  # final adaLN + linear
     )
-    assert sum(p.numel() for p in head.parameters()) == expected == 19_893_376  # spec B.2: 19.89 M
+    assert sum(p.numel() for p in head.parameters()) == expected == 19_893_376  # the GenDD paper: 19.89 M
     assert abs(head.time_embed.mlp[0].weight.std().item() - 0.02) < 0.002
     assert abs(head.pos_embed.weight.std().item() - 1.0) < 0.05
     bound = math.sqrt(6 / (512 + W))  # Xavier-uniform bound of cond_embed

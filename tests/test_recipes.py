@@ -1,6 +1,6 @@
-"""The CIFAR-100 and ImageNet GenDD recipes (conf/experiment/{cifar100,imagenet}/): they compose, carry the
-spec's per-pair settings (GENDD_SPEC B.7, B.8), build at the real shapes, and fail clearly without data
-or teacher weights. Models are random-init; nothing is trained."""
+"""The CIFAR-100 and ImageNet GenDD recipes (conf/experiment/{cifar100,imagenet}/): they compose, carry
+the paper's per-pair settings (the official CIFAR-100 and ImageNet recipes), build at the real shapes,
+and fail clearly without data or teacher weights. Models are random-init; nothing is trained."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ RECIPE_FILES = sorted(
     for p in (config_dir() / "experiment" / group).glob("*.yaml")
 )
 
-# (teacher, student, lambda, M, tokens n = D_t / 64): spec B.7
+# (teacher, student, lambda, M, tokens n = D_t / 64): the official CIFAR-100 recipes
 CIFAR_PAIRS = [
     ("resnet110", "resnet32", 0.9, 30, 1),
     ("resnet56", "resnet20", 0.9, 30, 1),
@@ -35,7 +35,7 @@ CIFAR_PAIRS = [
     ("wrn_40_2", "wrn_16_2", 0.8, 30, 2),
     ("wrn_40_2", "wrn_40_1", 0.8, 30, 2),
 ]
-# experiment, teacher model, student model, warmup epochs, tokens n: spec B.8
+# experiment, teacher model, student model, warmup epochs, tokens n: the official ImageNet recipes
 IMAGENET_PAIRS = [
     ("imagenet/gendd_resnet34_resnet18", "tv:resnet34", "tv:resnet18", 10, 8),
     ("imagenet/gendd_resnet50_mobilenet", "tv:resnet50", "tv:mobilenet_v2", 20, 32),
@@ -168,7 +168,7 @@ def test_imagenet_method_builds_at_real_shapes(compose, experiment, teacher, stu
     assert method.tokenizer.num_tokens == tokens
     assert method.class_weight.shape == (1000, 64 * tokens)
     if experiment.endswith("resnet34_resnet18"):
-        # k=64, D_s=512, n=8, width 1024, depth 3: spec B.2 quotes 19.89 M for this pair
+        # k=64, D_s=512, n=8, width 1024, depth 3: the GenDD paper quotes 19.89 M for this pair
         assert sum(p.numel() for p in method.head.parameters()) == 19_893_376
     else:
         assert method.student.feature_dim == 1280  # MobileNetV2 (the paper's MobileNetV1 has 1024)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 
 import pytest
@@ -200,3 +201,106 @@ def test_legacy_api_still_composes(runs):
     text = markdown(aggregate(rows, metrics), metrics)
     assert text.splitlines()[0] == "| method | runs | distill/test/acc/student |"
     assert md_cell(expected(kd_summary, "distill", "test", "acc/student")) in text
+
+
+def fake_job(
+    root, dirname: str, overrides: list[str], summary: dict | None = None, failed: dict | None = None
+):
+    """A job dir as gendd-train -m leaves it: Hydra's overrides, then summary.json or failed.json."""
+    import yaml
+
+    job = root / dirname
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if summary is not None:
+        (job / "summary.json").write_text(json.dumps(summary))
+    if failed is not None:
+        (job / "failed.json").write_text(json.dumps(failed))
+    return job
+
+
+def test_groups_are_the_overrides_that_differ(tmp_path, capsys):
+    from gendd_framework.report import scan
+
+    common = ["method=kd", "trainer.epochs=1", "trainer.progress=false"]
+    num = 0
+    for temperature in (2, 4, 10):
+        for seed in SEEDS:
+            summary = kd_summary(seed) | {"seed": seed}
+            summary["distill"]["test"]["acc/student"] += temperature  # each temperature its own numbers
+            extra = ["+data.label_fraction=0.5"] if temperature == 10 else []  # `+` adds, same key
+            overrides = [*common, f"method.temperature={temperature}", f"seed={seed}", *extra]
+            fake_job(tmp_path, f"{num}_t{temperature}_s{seed}", overrides, summary)
+            num += 1
+    # a job that failed, then was resumed and finished in the same dir, counts as finished
+    rerun = fake_job(tmp_path, "20_rerun", [*common, "method.temperature=2", "seed=5"], failed={"error": "x"})
+    os.utime(rerun / "failed.json", (1e9, 1e9))
+    (rerun / "summary.json").write_text(json.dumps(kd_summary(0)))
+
+    jobs = scan(tmp_path)
+    assert [j.run_dir.name for j in jobs][-2:] == ["8_t10_s2", "20_rerun"]  # job numbers sort as numbers
+    rows = collect(tmp_path, jobs)
+    groups = {r["group"] for r in rows}
+    assert groups == {
+        "method.temperature=2",
+        "method.temperature=4",
+        "method.temperature=10 +data.label_fraction=0.5",
+    }
+    main([str(tmp_path), "--metric", "distill/test/acc/student"])
+    out = capsys.readouterr().out
+    table = md_rows(out)
+    assert list(table) == sorted(groups, key=lambda g: int(g.split("=")[1].split()[0]))  # first-seen order
+    assert table["method.temperature=2"]["runs"] == "4" and table["method.temperature=4"]["runs"] == "3"
+    values = [kd_summary(s)["distill"]["test"]["acc/student"] + 4 for s in SEEDS]
+    assert table["method.temperature=4"]["acc student"] == md_cell(
+        (statistics.mean(values), statistics.stdev(values))
+    )
+    assert out.splitlines()[0].startswith("| group | runs |")
+    assert "failed" not in out
+
+
+def test_runs_without_overrides_group_by_name_and_same_labels_get_the_name(tmp_path):
+    fake_job(tmp_path / "a", "0", ["method.temperature=2", "seed=0"], kd_summary(0))
+    fake_job(tmp_path / "a", "1", ["method.temperature=2", "seed=1"], kd_summary(1))
+    fake_job(tmp_path / "b", "0", ["method.temperature=2", "seed=0"], gendd_summary(0))  # other config
+    fake_job(tmp_path / "c", "0", ["method.temperature=4", "seed=0"], kd_summary(0))
+    old = tmp_path / "old"  # a run dir from before Hydra's overrides were kept
+    old.mkdir()
+    (old / "summary.json").write_text(json.dumps(kd_summary(2) | {"name": "legacy"}))
+    rows = collect(tmp_path)
+    assert {r["group"]: r["name"] for r in rows} == {
+        "digits_kd method.temperature=2": "digits_kd",
+        "digits_gendd method.temperature=2": "digits_gendd",
+        "method.temperature=4": "digits_kd",
+        "legacy": "legacy",
+    }
+    assert [e["runs"] for e in aggregate(rows, [])] == [2, 1, 1, 1]
+
+
+def test_failed_and_unfinished_jobs_are_listed_csv_stays_clean(tmp_path, capsys):
+    fake_job(tmp_path, "0_a", ["method.temperature=2", "seed=0"], kd_summary(0))
+    fake_job(
+        tmp_path,
+        "1_b",
+        ["method.temperature=4", "seed=0"],
+        failed={"error": "RuntimeError: boom", "stage": None, "step": None},
+    )
+    fake_job(tmp_path, "2_c", ["method.temperature=4", "seed=1"])
+    main([str(tmp_path), "--format", "csv"])
+    captured = capsys.readouterr()
+    assert "failed" not in captured.out and len(captured.out.strip().splitlines()) == 2  # header + 1 group
+    assert f"- {tmp_path / '1_b'} (method.temperature=4): RuntimeError: boom" in captured.err.splitlines()
+    assert f"- {tmp_path / '2_c'}" in captured.err.splitlines()
+
+    out = tmp_path / "r" / "table.md"
+    main([str(tmp_path), "--out", str(out)])
+    text = out.read_text()
+    assert "failed jobs (1):" in text and "missing or incomplete jobs (1):" in text
+    assert (tmp_path / "r" / "table.png").is_file()
+
+
+def test_only_failed_jobs_still_says_why(tmp_path, capsys):
+    fake_job(tmp_path, "0", ["seed=0"], failed={"error": "ConfigError: bad", "stage": "distill", "step": 7})
+    with pytest.raises(SystemExit, match="no summary.json"):
+        main([str(tmp_path)])
+    assert "ConfigError: bad [stage distill, step 7]" in capsys.readouterr().err

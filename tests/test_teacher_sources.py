@@ -19,7 +19,7 @@ def test_an_earlier_runs_student_teaches_the_next_run(compose, tmp_path):
     second = run(compose(["method=kd", *TINY, *from_run], fast=()), tmp_path / "gen2")
     assert second["teacher"]["source"] == f"run:{tmp_path / 'gen1' / 'student.pt'}"
     # the teacher evaluated in run 2 is exactly run 1's student (best-on-val weights, same test split)
-    assert second["teacher"]["test"]["acc/student"] == first["distill"]["test"]["acc/student"]
+    assert second["teacher"]["test"]["acc/teacher"] == first["distill"]["test"]["acc/student"]
     assert "agree/student" in second["distill"]["test"]
 
 
@@ -32,8 +32,8 @@ def test_from_run_without_a_finished_run_is_a_clear_error(compose, tmp_path):
 def test_born_again_generations_each_distil_from_the_previous_student(compose, tmp_path):
     stages = "stages=[teacher,distill,{name:born_again,stage_name:gen2},{name:born_again,stage_name:gen3}]"
     summary = run(compose(["method=kd", *TINY, stages]), tmp_path)
-    assert summary["gen2"]["teacher"]["test"]["acc/student"] == summary["distill"]["test"]["acc/student"]
-    assert summary["gen3"]["teacher"]["test"]["acc/student"] == summary["gen2"]["test"]["acc/student"]
+    assert summary["gen2"]["teacher"]["test"]["acc/teacher"] == summary["distill"]["test"]["acc/student"]
+    assert summary["gen3"]["teacher"]["test"]["acc/teacher"] == summary["gen2"]["test"]["acc/student"]
     for name in ("gen2", "gen3"):
         assert (tmp_path / "checkpoints" / f"{name}_best.pt").exists()
     from gendd_framework.evaluate import RunEvaluator

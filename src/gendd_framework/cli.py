@@ -17,27 +17,135 @@ def config_dir() -> Path:
     raise FileNotFoundError("gendd-framework configs not found (expected conf/train.yaml)")
 
 
+EXIT_CONFIG, EXIT_NON_FINITE, EXIT_SWEEP_FAILURES = 2, 3, 1
+_sweep_failures: list[str] = []
+
+
 def train_main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import DictConfig
-
-    from gendd_framework.errors import ConfigError
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
     def _train(cfg: DictConfig) -> float | None:
-        from gendd_framework.pipeline import run
-
-        run_dir = HydraConfig.get().runtime.output_dir
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            summary = run(cfg, run_dir)
-        except ConfigError as exc:
-            print(f"gendd-train: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+            summary = run_job(cfg, run_dir)
+        except Exception as exc:  # noqa: BLE001  (recorded, then reported by exit code or sweep summary)
+            code = record_failure(run_dir, exc)
+            if hydra_cfg.mode == RunMode.MULTIRUN:  # one failing job does not end the sweep
+                return None
+            if code is None:
+                raise
+            raise SystemExit(code) from None
         print(format_summary(summary))
         return summary.get("objective")
 
-    _train()
+    try:
+        _train()
+    except SystemExit as exit_:
+        if exit_.code not in (0, None, EXIT_CONFIG, EXIT_NON_FINITE):
+            hint = override_hint(sys.argv[1:])
+            if hint:
+                print(hint, file=sys.stderr)
+        raise
+    if _sweep_failures:
+        raise SystemExit(EXIT_SWEEP_FAILURES)
+
+
+def run_job(cfg, run_dir: Path) -> dict:
+    from gendd_framework.pipeline import run
+
+    return run(cfg, run_dir)
+
+
+def record_failure(run_dir: Path, exc: Exception) -> int | None:
+    """Write `<run_dir>/failed.json` and print one line; the exit code for errors a user can fix
+    (None: an unexpected error, whose traceback the caller re-raises)."""
+    import json
+
+    from gendd_framework.errors import ConfigError, NonFiniteLossError
+
+    line = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    record = {"error": line, "stage": getattr(exc, "stage", None), "step": getattr(exc, "step", None)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failed.json").write_text(json.dumps(record, indent=2))
+    print(f"gendd-train: error: {exc}".splitlines()[0], file=sys.stderr)
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(exc, NonFiniteLossError):
+        return EXIT_NON_FINITE
+    return None
+
+
+def _sweep_callback_base():
+    from hydra.experimental.callback import Callback
+
+    return Callback
+
+
+class SweepReport(_sweep_callback_base()):
+    """Hydra callback: after a multirun, list finished and failed jobs in `<sweep dir>/sweep_summary.json`
+    and make `gendd-train -m` exit non-zero when any job failed."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
+        import json
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) if sweep_dir.is_dir() else []
+        failed = {
+            p.name: json.loads((p / "failed.json").read_text())["error"]
+            for p in jobs
+            if (p / "failed.json").exists()
+        }
+        finished = [p.name for p in jobs if (p / "summary.json").exists() and p.name not in failed]
+        missing = [p.name for p in jobs if p.name not in failed and p.name not in finished]
+        report = {"jobs": len(jobs), "finished": finished, "failed": failed, "missing": missing}
+        (sweep_dir / "sweep_summary.json").write_text(json.dumps(report, indent=2))
+        print(f"sweep {sweep_dir}: {len(finished)} finished, {len(failed)} failed, {len(missing)} missing")
+        for name, error in failed.items():
+            print(f"  failed {name}: {error}")
+        _sweep_failures.extend(failed)
+
+
+def override_hint(argv: list[str]) -> str | None:
+    """A did-you-mean line for a mistyped `key=value` override or config group option."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    overrides = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~", "hydra"))]
+    groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
+    for override in overrides:
+        key, value = override.split("=", 1)
+        group = key.split("/")[0]
+        if "." not in key and group in groups:
+            folder = config_dir() / key
+            options = [p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")]
+            if value not in options:
+                close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
+                if close:
+                    return f"gendd-train: hint: {key}={value}: did you mean {', '.join(close)}?"
+    base = [o for o in overrides if "." not in o.split("=", 1)[0]]
+    try:
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = OmegaConf.to_container(compose(config_name="train", overrides=base))
+    except Exception:  # noqa: BLE001  (the hint is best effort; Hydra already printed its error)
+        return None
+    from gendd_framework.pipeline import flatten
+
+    known = list(flatten(cfg))
+    for override in overrides:
+        key = override.split("=", 1)[0]
+        if "." in key and key not in known and not any(k.startswith(key + ".") for k in known):
+            close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+            if close:
+                return f"gendd-train: hint: unknown key '{key}': did you mean {', '.join(close)}?"
+    return None
 
 
 def format_summary(summary: dict) -> str:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
+from gendd_framework.config_checks import check_values, unresolvable
 from gendd_framework.engine.trainer import TrainerConfig
 from gendd_framework.errors import ConfigError
 
@@ -23,10 +26,16 @@ OPTIONAL_TOP = (
 TRAINER_EXTRA = ("device",)
 TEACHER_KEYS = ("model", "weights", "cache_dir", "train_if_missing", "train", "members", "combine", "run_dir")
 MEMBER_KEYS = ("model", "weights", "train", "cache_dir", "train_if_missing")
+TRAIN_KEYS = ("seed", "epochs", "optim", "sched")
+PRETRAIN_KEYS = ("handover", "epochs", "optim", "sched")
+LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory")
 LOGGER_KEYS = ("backends",)
 
 
-def _check_keys(node: DictConfig, allowed: Iterable[str], where: str) -> None:
+def _check_keys(node: Any, allowed: Iterable[str], where: str) -> None:
+    """Closed sections: an unknown key is a typo, reported with the closest allowed key."""
+    if not isinstance(node, DictConfig):
+        return  # a wrong type (or null) is reported by the value rules with the key's name
     allowed = list(allowed)
     for key in node:
         if key not in allowed:
@@ -35,34 +44,45 @@ def _check_keys(node: DictConfig, allowed: Iterable[str], where: str) -> None:
             raise ConfigError(f"unknown config key '{where}{key}'{hint}; allowed: {', '.join(allowed)}")
 
 
-def _check_named(node, where: str) -> None:
-    if not isinstance(node, DictConfig) or "name" not in node:
-        raise ConfigError(f"config '{where}' must be a mapping with a 'name' key, got {node!r}")
+def _closed_sections(cfg: DictConfig) -> Iterator[tuple[Any, tuple[str, ...], str]]:
+    """(node, allowed keys, dotted prefix) for every section whose keys the framework fixes."""
+    trainer_fields = tuple(f.name for f in dataclasses.fields(TrainerConfig)) + TRAINER_EXTRA
+    yield cfg.trainer, trainer_fields, "trainer."
+    data = cfg.data if isinstance(cfg.data, DictConfig) else None
+    if data is not None and data.get("loader") is not None:
+        yield data.loader, LOADER_KEYS, "data.loader."
+    teacher = cfg.get("teacher")
+    if isinstance(teacher, DictConfig):
+        yield teacher, TEACHER_KEYS, "teacher."
+        if teacher.get("train") is not None:
+            yield teacher.train, TRAIN_KEYS, "teacher.train."
+        members = teacher.get("members")
+        for i, member in enumerate(members if isinstance(members, ListConfig) else []):
+            yield member, MEMBER_KEYS, f"teacher.members.{i}."
+            if isinstance(member, DictConfig) and member.get("train") is not None:
+                yield member.train, TRAIN_KEYS, f"teacher.members.{i}.train."
+    if cfg.get("pretrain") is not None:
+        yield cfg.pretrain, PRETRAIN_KEYS, "pretrain."
+    if cfg.get("logger") is not None:
+        yield cfg.logger, LOGGER_KEYS, "logger."
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise `ConfigError` for unknown or missing top-level keys and malformed closed sections."""
+    """Raise a one-line `ConfigError` for the first unknown, missing, unset (`???`) or ill-typed key,
+    before any data is read or model built (value rules: `config_checks.RULES`)."""
     _check_keys(cfg, REQUIRED_TOP + OPTIONAL_TOP, "")
     missing = [k for k in REQUIRED_TOP if k not in cfg or cfg[k] is None]
     if missing:
         raise ConfigError(f"missing config key(s): {', '.join(missing)}")
-    for key in ("data", "student", "method", "optim", "sched"):
-        _check_named(cfg[key], key)
-    trainer_fields = [f.name for f in dataclasses.fields(TrainerConfig)] + list(TRAINER_EXTRA)
-    _check_keys(cfg.trainer, trainer_fields, "trainer.")
-    if cfg.get("teacher") is not None:
-        _check_keys(cfg.teacher, TEACHER_KEYS, "teacher.")
-        members = cfg.teacher.get("members") or []
-        for i, member in enumerate(members):
-            _check_keys(member, MEMBER_KEYS, f"teacher.members.{i}.")
-            _check_named(member.get("model"), f"teacher.members.{i}.model")
-        if cfg.teacher.get("model") is not None or not (members or cfg.teacher.get("run_dir")):
-            _check_named(cfg.teacher.get("model"), "teacher.model")
-    if cfg.get("logger") is not None:
-        _check_keys(cfg.logger, LOGGER_KEYS, "logger.")
-    missing_values = OmegaConf.missing_keys(cfg)
+    try:  # resolves every value once: a broken interpolation is named by its key here
+        missing_values = OmegaConf.missing_keys(cfg)
+    except OmegaConfBaseException as err:
+        raise unresolvable(err) from None
+    for node, allowed, where in _closed_sections(cfg):
+        _check_keys(node, allowed, where)
     if missing_values:
         raise ConfigError(f"config values still '???' (must be set): {', '.join(sorted(missing_values))}")
+    check_values(cfg)
 
 
 def apply_recipe(cfg: DictConfig) -> DictConfig:

@@ -1,29 +1,26 @@
 """Re-evaluate a finished run under other evaluation settings, without retraining.
 
-`gendd-eval RUN_DIR method.sampler.name=ddim method.sampler.steps=10 --split test` rebuilds the run's
-method from `RUN_DIR/.hydra/config.yaml`, loads its best-on-val checkpoint, applies the overrides
-(evaluation knobs only need the method to be rebuilt) and prints the accuracies as JSON.
+`gendd-eval run_dir=RUN method/sampler=ddim method.sampler.steps=10 split=test stage=distill` rebuilds
+the run's method from its saved config, loads that stage's best-on-val checkpoint, applies the method
+overrides (evaluation knobs only need the method to be rebuilt) and prints the metrics as JSON. The
+overrides use gendd-train's dialect (parsed and typed by Hydra's compose API, so nothing is written
+anywhere); the older `gendd-eval RUN_DIR method.x=y --split test` form still works.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gendd_framework.data.base import BatchDataset
-from gendd_framework.engine.checkpoint import load as load_checkpoint
-from gendd_framework.engine.checkpoint import seed_everything
-from gendd_framework.engine.trainer import evaluate
 from gendd_framework.errors import ConfigError
-from gendd_framework.models import build_model
-from gendd_framework.pipeline import build_data, resolve_device
-from gendd_framework.plugins import load_plugins
 from gendd_framework.registry import METHODS, split_spec
+
+# torch-backed modules are imported where used, so `--help` and argument errors answer at once
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> DictConfig:
@@ -65,17 +62,30 @@ class RunEvaluator:
     """Holds a run's data and trained weights; builds the method anew for each evaluation setting."""
 
     def __init__(self, run_dir: str | Path, stage: str = "distill", device: str = "auto") -> None:
-        self.run_dir = Path(run_dir)
-        self.cfg = load_run_config(run_dir)
+        self.run_dir = Path(run_dir).expanduser().resolve()
+        if not self.run_dir.is_dir():
+            raise ConfigError(f"run directory not found: {run_dir}")
+        self.cfg = load_run_config(self.run_dir)
+        checkpoint = self.run_dir / "checkpoints" / f"{stage}_best.pt"
+        if not checkpoint.is_file():
+            found = sorted(p.name[: -len("_best.pt")] for p in self.run_dir.glob("checkpoints/*_best.pt"))
+            raise ConfigError(
+                f"no checkpoint for stage '{stage}' in {self.run_dir}; stages: {', '.join(found) or 'none'}"
+            )
+        from gendd_framework.engine.checkpoint import load as load_checkpoint
+        from gendd_framework.pipeline import build_data, resolve_device
+        from gendd_framework.plugins import load_plugins
+
         load_plugins(self.cfg.get("plugins") or [])
         self.device = resolve_device(device)
         self.data, self.loader_cfg = build_data(self.cfg.data)
-        self.state = load_checkpoint(self.run_dir / "checkpoints" / f"{stage}_best.pt")["method"]
+        self.state = load_checkpoint(checkpoint)["method"]
         self.stage_kind = stage_kind(self.cfg, stage)
 
     def build_method(self, method_overrides: dict[str, Any] | None = None):
         node = merge_method(self.cfg.method, method_overrides or {})
         name, kwargs = split_spec(node, "method")
+        from gendd_framework.models import build_model
         from gendd_framework.stages import teacher_architecture
 
         student = build_model(self.cfg.student, num_classes=self.data.num_classes)
@@ -99,6 +109,10 @@ class RunEvaluator:
     def evaluate(self, method_overrides: dict[str, Any] | None = None, split: str = "test") -> dict[str, Any]:
         from torch.utils.data import DataLoader
 
+        from gendd_framework.data.base import BatchDataset
+        from gendd_framework.engine.checkpoint import seed_everything
+        from gendd_framework.engine.trainer import evaluate
+
         seed_everything(int(self.cfg.seed))
         method = self.build_method(method_overrides)
         dataset = BatchDataset(getattr(self.data, split))
@@ -114,20 +128,102 @@ class RunEvaluator:
         }
 
 
+EVAL_DEFAULTS: dict[str, Any] = {"split": "test", "stage": "distill", "device": "auto", "method": {}}
+OPTION_FLAGS = {"--split": "split", "--stage": "stage", "--device": "device"}
+SPLITS = ("val", "test")
+USAGE = """usage: gendd-eval run_dir=RUN [split=test|val] [stage=distill] [device=auto|cpu|cuda:N]
+                  [method.KEY=VALUE ...] [method/GROUP=OPTION ...]
+       gendd-eval RUN_DIR [method.KEY=VALUE ...] [--split test|val] [--stage NAME] [--device DEV]
+
+Re-evaluates RUN's best-on-val weights of one stage with changed evaluation settings and prints JSON.
+A method component whose name changes is replaced, not merged: method/sampler=ddim drops the DDPM
+sampler's temperature. RUN is absolute or relative to the working directory; nothing is written."""
+
+
+def to_hydra(arg: str) -> str:
+    """One command-line override in Hydra's compose form: method keys are added onto an empty `method`
+    node (`++`), method groups appended to the defaults (`+`); other keys pass as they are."""
+    key, _, value = arg.partition("=")
+    bare = key.lstrip("+")
+    if bare.startswith("method."):
+        return f"++{bare}={value}"
+    if bare.startswith("method/"):
+        return f"+{bare}={value}"
+    if bare == "method":
+        raise ConfigError(
+            "gendd-eval re-evaluates the run's own method; change it with method.KEY=VALUE or "
+            "method/GROUP=OPTION (e.g. method/sampler=ddim)"
+        )
+    if bare not in ("split", "stage", "device"):
+        raise ConfigError(f"unknown override '{arg}'; expected run_dir=, split=, stage=, device=, method.*")
+    return arg
+
+
+def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The run dir, taken literally (sweep job dirs hold `=` and `,`), and the Hydra overrides."""
+    run_dir: str | None = None
+    overrides: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            print(USAGE)
+            raise SystemExit(0)
+        if flag in OPTION_FLAGS:
+            value = value if eq else next(args, "")
+            if not value:
+                raise ConfigError(f"{flag} needs a value")
+            overrides.append(f"{OPTION_FLAGS[flag]}={value}")
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option '{arg}' (see gendd-eval --help)")
+        elif flag.lstrip("+") == "run_dir":
+            run_dir = value
+        elif run_dir is None and (not eq or Path(arg).is_dir()):  # the older positional form
+            run_dir = arg
+        elif flag.lstrip("+").startswith("hydra"):
+            continue  # where Hydra would write: nothing is written, so nothing to configure
+        else:
+            overrides.append(to_hydra(arg))
+    return run_dir, overrides
+
+
+def compose_eval(overrides: list[str]) -> DictConfig:
+    """`{split, stage, device, method}` from the overrides, with the project's `conf/` for the method's
+    component groups; the compose API changes no directory and writes no files."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    from gendd_framework.cli import config_dir
+
+    ConfigStore.instance().store(name="gendd_eval", node=EVAL_DEFAULTS)
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="gendd_eval"):
+        cfg = compose(config_name="gendd_eval", overrides=overrides)
+    if cfg.split not in SPLITS:
+        raise ConfigError(f"split={cfg.split}: expected one of {', '.join(SPLITS)}")
+    return cfg
+
+
+def run_eval(argv: list[str]) -> dict[str, Any]:
+    """Parse, compose, evaluate: the CLI without its error handling."""
+    run_dir, overrides = parse_args(argv)
+    if not run_dir:
+        raise ConfigError("no run directory; pass run_dir=RUN (see gendd-eval --help)")
+    cfg = compose_eval(overrides)
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    evaluator = RunEvaluator(run_dir, str(cfg.stage), str(cfg.device))
+    result = evaluator.evaluate(method, str(cfg.split))
+    return {"run_dir": str(evaluator.run_dir), "stage": cfg.stage, "split": cfg.split, **result}
+
+
 def main(argv: list[str] | None = None) -> None:
-    """`gendd-eval RUN_DIR [method.key=value ...] [--split test|val]`."""
-    parser = argparse.ArgumentParser(prog="gendd-eval", description=main.__doc__)
-    parser.add_argument("run_dir")
-    parser.add_argument("overrides", nargs="*", help="method.* keys, e.g. method.sampler.steps=10")
-    parser.add_argument("--split", default="test", choices=["val", "test"])
-    parser.add_argument("--stage", default="distill")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if not o.startswith("method.")]
-    if bad:
-        raise SystemExit(f"gendd-eval: only method.* overrides change evaluation, got {bad}")
-    dotlist = OmegaConf.from_dotlist([o[len("method.") :] for o in args.overrides])
+    """`gendd-eval run_dir=RUN [split=..] [stage=..] [device=..] [method.KEY=VALUE ...]`."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
-        result = RunEvaluator(args.run_dir, args.stage).evaluate(OmegaConf.to_container(dotlist), args.split)
-    except ConfigError as exc:
-        raise SystemExit(f"gendd-eval: error: {exc}") from None
+        result = run_eval(sys.argv[1:] if argv is None else list(argv))
+    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"gendd-eval: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(json.dumps(result, indent=2))

@@ -9,212 +9,138 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
-from torch.utils.data import DataLoader
 
 from gendd_framework import config as config_lib
-from gendd_framework.data.base import BatchDataset, DataSplits
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
-from gendd_framework.engine.checkpoint import load as load_checkpoint
-from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
-from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate, optimizer_steps_per_epoch
-from gendd_framework.errors import ConfigError
+from gendd_framework.errors import ConfigError, NonFiniteLossError
 from gendd_framework.plugins import load_plugins
-from gendd_framework.registry import DATASETS, LOGGERS, OPTIMIZERS, SCHEDULERS, split_spec
+from gendd_framework.registry import split_spec
+from gendd_framework.runtime import (  # noqa: F401  (re-exported: the pipeline's public helpers)
+    RunContext,
+    build_data,
+    build_logger,
+    fit_method,
+    resolve_device,
+)
 
-LOADER_DEFAULTS = {"batch_size": 64, "eval_batch_size": 256, "num_workers": 0, "pin_memory": None}
+# keys that may change between a run and its resumption without changing what is computed
+RESUME_NEUTRAL = (
+    "trainer.resume", "trainer.progress", "trainer.device", "data.loader.num_workers",
+    "data.loader.pin_memory", "data.loader.eval_batch_size", "logger", "paths", "plugins",
+)  # fmt: skip
 
 
-@dataclass
-class RunContext:
-    """What stages share: the config, data, device, logger, and models produced by earlier stages."""
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
 
-    cfg: DictConfig
-    run_dir: Path
-    device: torch.device
-    data: DataSplits
-    loader_cfg: dict[str, Any]
-    logger: MetricLogger
-    models: dict[str, nn.Module] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
-
-    def loader(
-        self, split: str, *, shuffle_seed: int | None = None, all_labels: bool = False
-    ) -> tuple[DataLoader, torch.Generator | None]:
-        """Batches as mappings; the training split hides the labels outside `data.label_mask` unless
-        `all_labels` (teachers train on every label)."""
-        train = split == "train"
-        mask = self.data.label_mask if train and not all_labels else None
-        dataset = BatchDataset(getattr(self.data, split), mask)
-        generator = torch.Generator() if train else None
-        if generator is not None and shuffle_seed is not None:
-            generator.manual_seed(shuffle_seed)
-        pin = self.loader_cfg["pin_memory"]
-        loader = DataLoader(
-            dataset,
-            batch_size=self.loader_cfg["batch_size" if train else "eval_batch_size"],
-            shuffle=train,
-            drop_last=train and len(dataset) > self.loader_cfg["batch_size"],
-            num_workers=self.loader_cfg["num_workers"],
-            pin_memory=self.device.type == "cuda" if pin is None else pin,
-            persistent_workers=self.loader_cfg["num_workers"] > 0,
-            generator=generator,
+def check_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """`trainer.resume=true` continues the run in `run_dir` only with the config it was started with."""
+    if not cfg.trainer.get("resume"):
+        return
+    previous = run_dir / "config_resolved.yaml"
+    if not previous.is_file():
+        raise ConfigError(
+            f"trainer.resume=true but {run_dir} holds no earlier run (no config_resolved.yaml); point "
+            "hydra.run.dir at the run to resume, or drop trainer.resume"
         )
-        return loader, generator
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
-    return device
-
-
-def build_data(node: DictConfig) -> tuple[DataSplits, dict[str, Any]]:
-    name, kwargs = split_spec(node, "dataset")
-    loader_cfg = {**LOADER_DEFAULTS, **(kwargs.pop("loader", None) or {})}
-    unknown = set(loader_cfg) - set(LOADER_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown data.loader key(s) {sorted(unknown)}; allowed: {sorted(LOADER_DEFAULTS)}")
-    return DATASETS.build({"name": name, **kwargs}), loader_cfg
-
-
-def build_logger(cfg: DictConfig, run_dir: Path) -> LoggerGroup:
-    specs = (cfg.get("logger") or {}).get("backends") or [{"name": "jsonl"}]
-    loggers: list[MetricLogger] = []
-    for spec in specs:
-        name, kwargs = split_spec(spec, "logger")
-        if name == "wandb" and kwargs.get("config") is None:
-            kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
-        loggers.append(LOGGERS.build({"name": name, **kwargs}, run_dir=str(run_dir)))
-    if not any(isinstance(lg, JsonlLogger) for lg in loggers):
-        loggers.insert(0, JsonlLogger(str(run_dir)))
-    group = LoggerGroup(loggers)
-    group.jsonl_path = next(lg.path for lg in loggers if isinstance(lg, JsonlLogger))
-    return group
-
-
-def fit_method(
-    ctx: RunContext,
-    method,
-    stage: str,
-    *,
-    optim: DictConfig | dict,
-    sched: DictConfig | dict,
-    trainer: TrainerConfig,
-    seed: int,
-    step_callbacks: list | None = None,
-    reference: nn.Module | None = None,
-    all_labels: bool = False,
-) -> dict[str, Any]:
-    """Train `method` on train, select on val, then report test for the best-on-val and last weights.
-
-    `reference` is the teacher that evaluation metrics (agreement, KL) compare with."""
-    method.to(ctx.device)
-    train_loader, generator = ctx.loader("train", shuffle_seed=seed, all_labels=all_labels)
-    val_loader, _ = ctx.loader("val")
-    test_loader, _ = ctx.loader("test")
-    opt_name, opt_kwargs = split_spec(optim, "optimizer")
-    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
-    optimizer = OPTIMIZERS.build({"name": opt_name, **opt_kwargs}, params=groups)
-    scheduler = SCHEDULERS.build(
-        sched,
-        optimizer=optimizer,
-        steps_per_epoch=optimizer_steps_per_epoch(len(train_loader), trainer.accum_steps),
-        epochs=trainer.epochs,
+    old = flatten(OmegaConf.to_container(OmegaConf.load(previous)))
+    new = flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(
+        k
+        for k in set(old) | set(new)
+        if old.get(k, "<unset>") != new.get(k, "<unset>") and not k.startswith(RESUME_NEUTRAL)
     )
-    loop = Trainer(
-        method,
-        optimizer,
-        scheduler,
-        train_loader,
-        val_loader,
-        config=trainer,
-        device=ctx.device,
-        ckpt_dir=ctx.ckpt_dir,
-        stage=stage,
-        logger=ctx.logger,
-        shuffle_seed=seed,
-        shuffle_generator=generator,
-        step_callbacks=step_callbacks,
-        reference=reference,
-    )
-    best = loop.fit()
-    test_last = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
-    if loop.path("best").exists():
-        method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
-    test = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
-    record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
-    if method.eval_settings():
-        record["eval_settings"] = method.eval_settings()
-    ctx.logger.log(
-        {
-            "stage": stage,
-            "epoch": trainer.epochs,
-            "step": loop.step,
-            **{f"test/{k}": v for k, v in test.items()},
-        }
-    )
-    return record
+    if changed:
+        detail = ", ".join(
+            f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:8]
+        )
+        raise ConfigError(
+            f"trainer.resume=true with a changed config ({detail}); resume with the config of {run_dir} "
+            "or start a new run directory"
+        )
+
+
+def stage_keys(cfg: DictConfig) -> list[tuple[str, str, dict]]:
+    """(result key, registered name, kwargs) per stage; repeated stages must name themselves."""
+    keys = []
+    for spec in cfg.stages:
+        name, kwargs = split_spec(spec, "stage")
+        key = kwargs.get("stage_name", name)
+        if key in (k for k, _, _ in keys):
+            raise ConfigError(f"stage '{key}' appears twice in `stages`; give each a distinct stage_name")
+        keys.append((key, name, kwargs))
+    return keys
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """Run every configured stage; returns (and writes) the summary."""
+    """Validate and build everything (preflight), then run every configured stage; returns (and
+    writes) the summary. A non-finite loss stops the run with the failure recorded in summary.json."""
+    from gendd_framework.preflight import preflight
+    from gendd_framework.provenance import provenance
+    from gendd_framework.registry import STAGES
+
     cfg = config_lib.apply_recipe(cfg)
     config_lib.validate(cfg)
-    load_plugins(cfg.get("plugins") or [])
+    plugins = load_plugins(cfg.get("plugins") or [])
+    if plugins:  # recorded absolute, so gendd-eval and from_run work from any directory
+        cfg = cfg.copy()
+        cfg.plugins = plugins
+    stages = stage_keys(cfg)
     started = time.perf_counter()
     run_dir = Path(run_dir)
+    check_resume(cfg, run_dir)
+    device = resolve_device(cfg.trainer.get("device", "auto"))
+    data, loader_cfg = build_data(cfg.data)
+    preflight(cfg, data.num_classes, data.input_shape)
     run_dir.mkdir(parents=True, exist_ok=True)
     # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed))
-    data, loader_cfg = build_data(cfg.data)
-    ctx = RunContext(
-        cfg=cfg,
-        run_dir=run_dir,
-        device=resolve_device(cfg.trainer.get("device", "auto")),
-        data=data,
-        loader_cfg=loader_cfg,
-        logger=build_logger(cfg, run_dir),
-    )
-    from gendd_framework.registry import STAGES
-
-    try:
-        for spec in cfg.stages:
-            name, kwargs = split_spec(spec, "stage")
-            key = kwargs.get("stage_name", name)  # repeated stages (generations) name themselves
-            if key in ctx.results:
-                raise ConfigError(f"stage '{key}' appears twice in `stages`; give each a distinct stage_name")
-            seed_everything(int(cfg.seed))  # each stage starts from the same RNG state, cached teacher or not
-            ctx.results[key] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
-    finally:
-        ctx.logger.close()
-    summary = {
+    ctx = RunContext(cfg, run_dir, device, data, loader_cfg, build_logger(cfg, run_dir))
+    summary: dict[str, Any] = {
         "name": cfg.get("name"),
         "seed": int(cfg.seed),
         "method": cfg.method.name,
-        "device": str(ctx.device),
+        "device": str(device),
         "run_dir": str(run_dir),
-        "elapsed_s": round(time.perf_counter() - started, 2),
-        **ctx.results,
+        "provenance": provenance(device),
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        for key, name, kwargs in stages:
+            seed_everything(int(cfg.seed))  # each stage starts from the same RNG state, cached teacher or not
+            ctx.results[key] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
+        finals = {k: r["test"] for k, r in ctx.results.items() if isinstance(r, dict) and "test" in r}
+        ctx.logger.finish(OmegaConf.to_container(cfg, resolve=True), finals)  # TensorBoard hparams, wandb
+    except NonFiniteLossError as exc:
+        failed = {"error": str(exc), "stage": exc.stage, "step": exc.step, "key": exc.key}
+        write_summary(run_dir, {**summary, "elapsed_s": elapsed(started), **ctx.results, "failed": failed})
+        raise
+    finally:
+        ctx.logger.close()
+    summary.update(elapsed_s=elapsed(started), **ctx.results)
+    write_summary(run_dir, summary)
+    (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
     if "student" in ctx.models:
         atomic_save(ctx.models["student"].state_dict(), run_dir / "student.pt")
     from gendd_framework.plots import plot_metrics
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     return summary
+
+
+def elapsed(started: float) -> float:
+    return round(time.perf_counter() - started, 2)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,21 +1,30 @@
-"""Training curves from `metrics.jsonl`: one PNG per run, because a curve beats a column of numbers."""
+"""Training curves from `metrics.jsonl` (one PNG per run) and the per-group bar chart of gendd-report:
+a picture shows a trend or an overlap of error bars faster than a column of numbers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
+
+
+def _pyplot():
+    """matplotlib with the file-only Agg backend: reports and runs must work without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_metrics(jsonl: Path, out_dir: Path) -> Path | None:
     """Train loss and validation accuracy per epoch, one colour per stage; returns the PNG path."""
     if not jsonl.exists():
         return None
-    import matplotlib
+    plt = _pyplot()
+    from gendd_framework.engine.loggers import read_jsonl
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(jsonl)  # tolerates a half-written last line (a killed run)
     stages = list(dict.fromkeys(r["stage"] for r in rows if "stage" in r))
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     for stage in stages:
@@ -34,6 +43,45 @@ def plot_metrics(jsonl: Path, out_dir: Path) -> Path | None:
             ax.legend(fontsize=8)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_groups(
+    table: list[dict[str, Any]], keys: list[str], labels: dict[str, str], path: Path, xlabel: str = "group"
+) -> Path:
+    """Bars of mean `keys` per group (`report.aggregate` entries) with ± std error bars; returns `path`.
+
+    The y axis starts a little below the lowest bar: accuracy differences of a point matter here."""
+    plt = _pyplot()
+    names = [str(entry["name"]) for entry in table]
+    width = 0.8 / max(len(keys), 1)
+    bars_inches = 1.2 * max(len(keys), 1)
+    needed = len(names) * max(bars_inches, 0.085 * max(map(len, names), default=0)) + 1.5
+    rotate = needed > 16  # long override labels: widen up to a point, then slant them
+    fig_width = min(16.0, max(4.0, len(names) * bars_inches + 1.5 if rotate else needed))
+    fig, ax = plt.subplots(figsize=(fig_width, 4.2 + (1.5 if rotate else 0.0)))
+    lows = []
+    for i, key in enumerate(keys):
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(names))]
+        means = [entry[key][0] if key in entry else float("nan") for entry in table]
+        stds = [entry[key][1] if key in entry else 0.0 for entry in table]
+        bars = ax.bar(xs, means, width, yerr=stds, capsize=4, label=labels.get(key, key))
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        lows += [m - s for m, s in zip(means, stds) if m == m]
+    if lows:
+        ax.set_ylim(bottom=max(0.0, min(lows) - 5.0))
+    ax.set_xticks(range(len(names)), names, rotation=25 if rotate else 0, ha="right" if rotate else "center")
+    accuracy = all("/acc/" in key for key in keys)
+    ax.set(xlabel=xlabel, ylabel="test accuracy (%)" if accuracy else labels.get(keys[0], keys[0]))
+    what = labels.get(keys[0], keys[0]) if len(keys) == 1 else "per group"
+    ax.set_title(f"{what}: mean ± std over runs")
+    ax.grid(axis="y", alpha=0.3)
+    if len(keys) > 1:
+        ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

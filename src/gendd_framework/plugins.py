@@ -2,10 +2,27 @@
 
 A plugin is an ordinary Python module whose import registers things (`@LOSSES.register("my_loss")`).
 Each file is imported once per process, however many times it is named.
+
+Where plugins come from, in order (`load_plugins`):
+
+1. `$GENDD_REGISTRY_DIR` (folders separated by `os.pathsep`);
+2. the project's `registry/` folder, when the package runs from a source checkout (editable install);
+3. `./registry` of the working directory, so a second checkout (or a project that only uses the
+   installed package) is picked up without configuration. When the working directory *is* the project
+   root this is the same folder as 2. and is read once;
+4. `gendd_framework.plugins` entry points of installed distributions;
+5. the run's `plugins:` list (files, folders or dotted module names). Relative paths resolve against the
+   working directory at launch (Hydra does not change it); they are recorded as absolute paths.
+
+The same plugin file reached from two places (two checkouts, or an installed copy and a checkout) is
+the same component: a file whose name and contents match one already imported is skipped, and a
+registry accepts a second registration from an identical file (`Registry.add`). A *different* file
+registering a taken name fails, naming both files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -17,16 +34,29 @@ from pathlib import Path
 from gendd_framework.errors import ConfigError
 
 ENTRY_POINT_GROUP = "gendd_framework.plugins"
-_loaded: set[str] = set()
+_loaded: set[str] = set()  # resolved file paths, dotted module names and entry points already imported
+_by_content: dict[tuple[str, str], Path] = {}  # (file name, sha256 of its bytes) -> first path imported
+imported_files: list[Path] = []  # absolute paths of the plugin files imported, in order
+
+
+def project_root() -> Path | None:
+    """The source checkout this package runs from (`<root>/src/gendd_framework`), or None when installed."""
+    package = Path(__file__).resolve().parent
+    root = package.parents[1]
+    if package.parent.name == "src" and (root / "conf" / "train.yaml").is_file():
+        return root
+    return None
 
 
 def default_plugin_dirs() -> list[Path]:
-    """`$GENDD_REGISTRY_DIR`, the project's top-level `registry/`, and `./registry` if present."""
+    """`$GENDD_REGISTRY_DIR`, the project's `registry/`, then `./registry`: resolved, deduplicated."""
     dirs = []
     if os.environ.get("GENDD_REGISTRY_DIR"):
-        dirs += [Path(p) for p in os.environ["GENDD_REGISTRY_DIR"].split(os.pathsep) if p]
-    project = Path(__file__).resolve().parents[2] / "registry"
-    dirs += [project, Path.cwd() / "registry"]
+        dirs += [Path(p).expanduser() for p in os.environ["GENDD_REGISTRY_DIR"].split(os.pathsep) if p]
+    root = project_root()
+    if root is not None:
+        dirs.append(root / "registry")
+    dirs.append(Path.cwd() / "registry")  # the same folder as above when the cwd is the project root
     unique: dict[Path, None] = {}
     for d in dirs:
         if d.is_dir():
@@ -34,11 +64,22 @@ def default_plugin_dirs() -> list[Path]:
     return list(unique)
 
 
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def import_file(path: Path) -> None:
-    path = path.resolve()
+    """Import one plugin file (once per resolved path, and once per identical file name + contents)."""
+    path = Path(path).expanduser().resolve()
     if str(path) in _loaded:
         return
+    content_key = (path.name, file_digest(path))
+    if content_key in _by_content:  # the same file reached through another checkout or folder
+        _loaded.add(str(path))
+        return
     name = f"gendd_plugins.{path.parent.name}.{path.stem}"
+    if name in sys.modules:  # a different file named alike: never replace the first in sys.modules
+        name += "_" + hashlib.sha256(str(path).encode()).hexdigest()[:8]
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"cannot import plugin file {path}")
@@ -51,30 +92,41 @@ def import_file(path: Path) -> None:
         _loaded.discard(str(path))
         sys.modules.pop(name, None)
         raise
+    _by_content[content_key] = path
+    imported_files.append(path)
 
 
-def import_plugin(target: str) -> None:
-    """A `.py` file, a folder of them, or a dotted module name."""
+def import_plugin(target: str) -> str:
+    """A `.py` file, a folder of them, or a dotted module name; relative paths resolve against the cwd.
+
+    Returns the target as imported: a path made absolute, or the module name.
+    """
     path = Path(target).expanduser()
     if target.endswith(".py") or path.is_dir():
+        path = path.absolute()
         if not path.exists():
             raise ConfigError(f"plugin path not found: {path}")
         files = sorted(path.glob("*.py")) if path.is_dir() else [path]
         for file in files:
             if not file.name.startswith("_"):
                 import_file(file)
-        return
+        return str(path)
     if target in _loaded:
-        return
+        return target
     try:
         importlib.import_module(target)
     except ModuleNotFoundError as exc:
         raise ConfigError(f"plugin module '{target}' cannot be imported: {exc}") from exc
     _loaded.add(target)
+    return target
 
 
-def load_plugins(extra: Iterable[str] = (), *, scan_default_dirs: bool = True) -> None:
-    """Import every plugin source in order: default folders, entry points, then `extra`."""
+def load_plugins(extra: Iterable[str] = (), *, scan_default_dirs: bool = True) -> list[str]:
+    """Import every plugin source in order: default folders, entry points, then `extra`.
+
+    Returns `extra` with relative paths made absolute, for a record that does not depend on the cwd;
+    `imported_files` lists every plugin file imported so far.
+    """
     import gendd_framework.components  # noqa: F401  (built-in registrations first)
 
     if scan_default_dirs:
@@ -85,5 +137,4 @@ def load_plugins(extra: Iterable[str] = (), *, scan_default_dirs: bool = True) -
         if key not in _loaded:
             ep.load()
             _loaded.add(key)
-    for target in extra:
-        import_plugin(str(target))
+    return [import_plugin(str(target)) for target in extra]

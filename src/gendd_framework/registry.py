@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -29,6 +31,7 @@ class Registry:
         self._entries: dict[str, Callable[..., Any]] = {}
         self._aliases: dict[str, str] = {}
         self._prefixes: dict[str, tuple[PrefixResolver, str]] = {}
+        self._origins: dict[str, Origin | None] = {}  # where each entry was defined, read at registration
 
     # -- registration -------------------------------------------------------------------------
     def register(
@@ -45,17 +48,28 @@ class Registry:
     def add(
         self, name: str, obj: Callable[..., Any], *, aliases: Iterable[str] = (), force: bool = False
     ) -> None:
-        """Register `obj` under `name` (and `aliases`); re-registering a taken name needs `force=True`."""
-        for key in (name, *aliases):
-            taken = key in self._entries or key in self._aliases
-            if taken and not force and self._resolve_alias(key) is not None:
-                existing = self._entries[self._resolve_alias(key)]
-                if existing is not obj:
+        """Register `obj` under `name` (and `aliases`); re-registering a taken name needs `force=True`.
+
+        The same definition registered again from a second copy of its file (same file name, same bytes:
+        a second checkout, or an installed copy next to a checkout) is accepted and keeps the first one.
+        """
+        if not force:
+            for key in (name, *aliases):
+                target = self._resolve_alias(key)
+                if target is None:
+                    continue
+                existing = self._entries[target]
+                if existing is not obj and not same_definition(self._origins.get(target), origin(obj)):
                     raise ConfigError(
-                        f"{self.kind} '{key}' is already registered (by {_describe(existing)}); "
-                        "pass force=True to replace it"
+                        f"{self.kind} '{key}' is already registered by {_describe(existing)}; "
+                        f"{_describe(obj)} is a different implementation under the same name: rename one, "
+                        "or pass force=True to replace it"
                     )
+            current = self._resolve_alias(name)
+            if current is not None and self._entries[current] is not obj:
+                return  # an identical copy (checked above): keep the first registration
         self._entries[name] = obj
+        self._origins[name] = origin(obj)
         self._aliases.pop(name, None)
         for alias in aliases:
             self._aliases[alias] = name
@@ -178,8 +192,53 @@ def check_kwargs(factory: Callable[..., Any], kwargs: Mapping[str, Any], what: s
         raise ConfigError(f"{what} is missing required argument(s): {', '.join(missing)}")
 
 
+class Origin(NamedTuple):
+    """Where a registered object was defined: its file, the sha256 of that file's bytes when it was
+    registered, its qualified name and (functions) first line."""
+
+    file: Path
+    digest: str
+    qualname: str
+    line: int | None
+
+
+_digests: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256: each file read once
+
+
+def _source_file(obj: Any) -> Path | None:
+    try:
+        file = inspect.getsourcefile(obj)
+    except (TypeError, OSError):
+        return None
+    return Path(file) if file and Path(file).is_file() else None
+
+
+def origin(obj: Any) -> Origin | None:
+    """The `Origin` of `obj`, or None when it has no source file (builtins, `exec`-ed code)."""
+    file = _source_file(obj)
+    if file is None:
+        return None
+    stat = file.stat()
+    key = (str(file), stat.st_mtime_ns, stat.st_size)
+    if key not in _digests:
+        _digests[key] = hashlib.sha256(file.read_bytes()).hexdigest()
+    code = getattr(obj, "__code__", None)
+    line = code.co_firstlineno if code is not None else None
+    return Origin(file, _digests[key], getattr(obj, "__qualname__", ""), line)
+
+
+def same_definition(a: Origin | None, b: Origin | None) -> bool:
+    """Whether two origins are one definition imported twice (e.g. from two copies of a plugin file):
+    the same qualified name and line in files of the same name with identical contents."""
+    if a is None or b is None:
+        return False
+    return (a.file.name, a.digest, a.qualname, a.line) == (b.file.name, b.digest, b.qualname, b.line)
+
+
 def _describe(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    where = _source_file(obj)
+    name = f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    return f"{name} ({where})" if where else name
 
 
 def one_line_doc(obj: Any) -> str:
@@ -201,7 +260,6 @@ def signature_text(obj: Any) -> str:
 
 MODELS = Registry("model")
 DATASETS = Registry("dataset")
-TRANSFORMS = Registry("transform")
 TOKENIZERS = Registry("tokenizer")
 HEADS = Registry("head")
 OBJECTIVES = Registry("objective")
@@ -219,7 +277,6 @@ ALL: dict[str, Registry] = {
     for r in (
         MODELS,
         DATASETS,
-        TRANSFORMS,
         TOKENIZERS,
         HEADS,
         OBJECTIVES,

@@ -1,8 +1,13 @@
-"""Aggregate `summary.json` files (a multirun, a benchmark) into a mean ± std table per run name.
+"""Aggregate `summary.json` files (a multirun, a benchmark) into a mean ± std table per group of runs.
+
+Runs are grouped by the command-line overrides that differ between them (seeds are the replicates),
+so a sweep `method.temperature=2,4 seed=0,1` gives one row per temperature and never averages them
+together; run directories without Hydra's `overrides.yaml` fall back to grouping by run name.
 
 The default table answers "how good is the distilled student, and what did it inherit?": for the final
 training stage, the test accuracy of every output (best-on-val weights, then the last epoch's), its
-agreement with and KL to the teacher, and its calibration, next to the teacher's own accuracy.
+agreement with and KL to the teacher, and its calibration, next to the teacher's own accuracy. Failed
+jobs (`failed.json`) and jobs that never finished are listed under the table, so none goes unnoticed.
 """
 
 from __future__ import annotations
@@ -11,30 +16,124 @@ import argparse
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 SPLITS = ("val", "test", "test_last")
 # the order of the per-output groups in the default table; acc comes with its last-epoch twin
 DEFAULT_GROUPS = (("acc", "test_last"), ("agree", None), ("kl", None), ("ece", None))
 METRIC_LABELS = {"acc": "acc", "agree": "agree", "kl": "KL", "ece": "ECE", "ce": "CE"}
 SPLIT_LABELS = {"test": "", "test_last": "last", "val": "val"}
+# overrides that never define a group: replicates and cosmetics
+IGNORED_KEYS = ("seed", "trainer.progress")
+IGNORED_PREFIXES = ("hydra.", "hydra/")
+JOB_MARKERS = ("summary.json", "failed.json", "config_resolved.yaml", ".hydra/overrides.yaml")
 
 
-def collect(root: str | Path) -> list[dict[str, Any]]:
-    """Every summary under `root`, flattened to {name, seed, run_dir, <stage>/<split>/<metric>: value}.
+@dataclass
+class Job:
+    """One run directory: `finished` (summary.json), `failed` (failed.json) or `incomplete` (neither)."""
 
-    Keys keep the summary's stage order, which `final_stage` relies on."""
+    run_dir: Path
+    status: str
+    overrides: list[str] | None
+    error: dict[str, Any] | None = None
+
+
+def natural_key(path: Path) -> list[Any]:
+    """`sweep/10_x` after `sweep/2_x`: job numbers compare as numbers."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def read_overrides(run_dir: Path) -> list[str] | None:
+    """The job's command-line overrides from Hydra's `.hydra/overrides.yaml`; None without one."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return None
+    values = yaml.safe_load(path.read_text()) or []
+    return [str(v) for v in values]
+
+
+def scan(root: str | Path) -> list[Job]:
+    """Every job directory under `root` (a run, a sweep, a tree of sweeps), in natural path order."""
+    dirs = {p.parents[marker.count("/")] for marker in JOB_MARKERS for p in Path(root).rglob(marker)}
+    jobs = []
+    for run_dir in sorted(dirs, key=natural_key):
+        overrides = read_overrides(run_dir)
+        summary, failed = run_dir / "summary.json", run_dir / "failed.json"
+        if summary.is_file() and not (failed.is_file() and newer(failed, summary)):
+            jobs.append(Job(run_dir, "finished", overrides))
+        elif failed.is_file():
+            jobs.append(Job(run_dir, "failed", overrides, read_failure(failed)))
+        else:
+            jobs.append(Job(run_dir, "incomplete", overrides))
+    return jobs
+
+
+def newer(a: Path, b: Path) -> bool:
+    """A job re-run in its own dir (resume) leaves both files: the later outcome is the true one."""
+    return a.stat().st_mtime > b.stat().st_mtime
+
+
+def read_failure(path: Path) -> dict[str, Any]:
+    """`failed.json`, or a stand-in when it is unreadable (a job killed while writing it)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"error": f"unreadable failed.json ({exc})", "stage": None, "step": None}
+    return record if isinstance(record, dict) else {"error": str(record)}
+
+
+def override_key(override: str) -> str:
+    """`++method.temperature=2` -> `method.temperature`; `method/sampler=ddim` -> `method/sampler`."""
+    return override.split("=", 1)[0].lstrip("+")
+
+
+def ignored(key: str) -> bool:
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+
+
+def differing_keys(jobs: list[Job]) -> list[str]:
+    """Override keys whose value is not the same in every job with overrides, first-seen order."""
+    known = [dict((override_key(o), o) for o in job.overrides) for job in jobs if job.overrides is not None]
+    order = dict.fromkeys(k for overrides in known for k in overrides if not ignored(k))
+    return [k for k in order if len({o.get(k) for o in known}) > 1]
+
+
+def override_label(overrides: list[str] | None, keys: list[str]) -> str:
+    """The differing overrides of one job, e.g. `method.temperature=2`; empty when none differ."""
+    if not overrides:
+        return ""
+    by_key = {override_key(o): o for o in overrides}
+    return " ".join(by_key[k] for k in keys if k in by_key)
+
+
+def collect(root: str | Path, jobs: list[Job] | None = None) -> list[dict[str, Any]]:
+    """Every finished run under `root`, flattened to {name, seed, run_dir, group, overrides,
+    <stage>/<split>/<metric>: value}; `group` is the differing overrides, else the run name.
+
+    Metric keys keep the summary's stage order, which `final_stage` relies on."""
+    jobs = scan(root) if jobs is None else jobs
+    keys = differing_keys(jobs)
     rows = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        summary = json.loads(path.read_text())
+    for job in jobs:
+        if job.status != "finished":
+            continue
+        summary = json.loads((job.run_dir / "summary.json").read_text())
+        name = summary.get("name") or summary.get("method")
         row: dict[str, Any] = {
-            "name": summary.get("name") or summary.get("method"),
+            "name": name,
             "seed": summary.get("seed"),
-            "run_dir": str(path.parent),
+            "run_dir": str(job.run_dir),
+            "overrides": job.overrides,
+            "group": override_label(job.overrides, keys) or name,
         }
         for stage, record in summary.items():
             if isinstance(record, dict):
@@ -42,14 +141,50 @@ def collect(root: str | Path) -> list[dict[str, Any]]:
                     for metric, value in (record.get(split) or {}).items():
                         row[f"{stage}/{split}/{metric}"] = value
         rows.append(row)
+    disambiguate(rows)
     return rows
 
 
+def disambiguate(rows: list[dict[str, Any]]) -> None:
+    """Two run names sharing a group label (same overrides, different configs) get the name in front."""
+    names: dict[str, set[Any]] = defaultdict(set)
+    for row in rows:
+        names[row["group"]].add(row["name"])
+    for row in rows:
+        if len(names[row["group"]]) > 1:
+            row["group"] = f"{row['name']} {row['group']}"
+
+
+def problems(jobs: list[Job]) -> str:
+    """Failed jobs with their error line and incomplete jobs, as lines under the table; empty if none."""
+    keys = differing_keys(jobs)
+    lines = []
+    failed = [j for j in jobs if j.status == "failed"]
+    if failed:
+        lines.append(f"failed jobs ({len(failed)}):")
+        for job in failed:
+            error = job.error or {}
+            where = ", ".join(f"{k} {error[k]}" for k in ("stage", "step") if error.get(k) is not None)
+            label = override_label(job.overrides, keys)
+            lines.append(
+                f"- {job.run_dir}"
+                + (f" ({label})" if label else "")
+                + f": {error.get('error', '?')}"
+                + (f" [{where}]" if where else "")
+            )
+    incomplete = [j for j in jobs if j.status == "incomplete"]
+    if incomplete:
+        lines.append(f"missing or incomplete jobs ({len(incomplete)}):")
+        lines += [f"- {job.run_dir}" for job in incomplete]
+    return "\n".join(lines)
+
+
 def aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
-    """One entry per run name: {name, runs, <metric>: (mean, sample std)}; seeds are the replicates."""
+    """One entry per group (`collect`'s label, else the run name): {name, runs, <metric>: (mean, sample
+    std)}; seeds are the replicates."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        groups[row["name"]].append(row)
+        groups[row.get("group") or row["name"]].append(row)
     table = []
     for name, members in groups.items():
         entry: dict[str, Any] = {"name": name, "runs": len(members)}
@@ -130,7 +265,7 @@ def label(key: str, final_stages: set[str]) -> str:
     if stage == "teacher" or len(final_stages) != 1 or stage not in final_stages:
         words.append(stage)
     words += [SPLIT_LABELS.get(split, split), METRIC_LABELS.get(metric, metric)]
-    if not (stage == "teacher" and output == "student"):  # a CE teacher has one output
+    if not (stage == "teacher" and output in ("teacher", "student")):  # one output; older runs: `student`
         words.append(output)
     return " ".join(w for w in words if w)
 
@@ -147,13 +282,18 @@ def decimals(key: str) -> int:
     return 3 if parsed and parsed[2] in ("kl", "ce") else 2
 
 
-def markdown(table: list[dict[str, Any]], metrics: list[str], labels: dict[str, str] | None = None) -> str:
-    """A GitHub table of mean ± std per run name; `–` where a name lacks a metric."""
+def markdown(
+    table: list[dict[str, Any]],
+    metrics: list[str],
+    labels: dict[str, str] | None = None,
+    first: str = "method",
+) -> str:
+    """A GitHub table of mean ± std per group; `–` where a group lacks a metric."""
     labels = labels or {}
-    head = ["method", "runs"] + [labels.get(m, m) for m in metrics]
+    head = [first, "runs"] + [labels.get(m, m) for m in metrics]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for entry in table:
-        cells = [str(entry["name"]), str(entry["runs"])]
+        cells = [str(entry["name"]).replace("|", "\\|"), str(entry["runs"])]
         for m in metrics:
             d = decimals(m)
             cells.append(f"{entry[m][0]:.{d}f} ± {entry[m][1]:.{d}f}" if m in entry else "–")
@@ -161,12 +301,17 @@ def markdown(table: list[dict[str, Any]], metrics: list[str], labels: dict[str, 
     return "\n".join(lines)
 
 
-def csv_text(table: list[dict[str, Any]], metrics: list[str], labels: dict[str, str] | None = None) -> str:
+def csv_text(
+    table: list[dict[str, Any]],
+    metrics: list[str],
+    labels: dict[str, str] | None = None,
+    first: str = "method",
+) -> str:
     """Mean and std in separate full-precision columns (for spreadsheets and plots); empty if absent."""
     labels = labels or {}
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    head = ["method", "runs"]
+    head = [first, "runs"]
     for m in metrics:
         head += [labels.get(m, m), f"{labels.get(m, m)} std"]
     writer.writerow(head)
@@ -178,17 +323,35 @@ def csv_text(table: list[dict[str, Any]], metrics: list[str], labels: dict[str, 
     return buffer.getvalue()
 
 
+def first_column(rows: list[dict[str, Any]]) -> str:
+    """`group` when rows are grouped by their overrides, `method` when by run name (older run dirs)."""
+    return "group" if any(r.get("overrides") is not None for r in rows) else "method"
+
+
 def render(rows: list[dict[str, Any]], metrics: list[str], fmt: str = "markdown") -> str:
     """The aggregated table of `rows` over `metrics` as markdown or CSV, with readable labels."""
-    table, labels = aggregate(rows, metrics), labels_for(rows, metrics)
+    table, labels, first = aggregate(rows, metrics), labels_for(rows, metrics), first_column(rows)
     if fmt == "csv":
-        return csv_text(table, metrics, labels)
-    return markdown(table, metrics, labels) + "\n"
+        return csv_text(table, metrics, labels, first)
+    return markdown(table, metrics, labels, first) + "\n"
+
+
+def plot_metrics_of(metrics: list[str]) -> list[str]:
+    """What the plot shows: the selected (best-on-val) test accuracy of each trained output, else the
+    first column."""
+    keys = []
+    for key in metrics:
+        parsed = split_key(key)
+        if parsed and parsed[0] != "teacher" and parsed[1] == "test" and parsed[2] == "acc":
+            keys.append(key)
+    return keys or metrics[:1]
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`gendd-report DIR [--metric KEY ...] [--format markdown|csv] [--out FILE]`: mean ± std per run
-    name under DIR; by default the teacher's accuracy and the final stage's acc/agree/KL/ECE."""
+    """`gendd-report DIR [--metric KEY ...] [--format markdown|csv] [--out FILE] [--plot FILE]`: mean ±
+    std per group of runs under DIR (grouped by the overrides that differ, seeds averaged); by default
+    the teacher's accuracy and the final stage's acc/agree/KL/ECE. Failed and unfinished jobs are
+    listed under the table (on stderr with --format csv, to keep the CSV clean)."""
     parser = argparse.ArgumentParser(prog="gendd-report", description=main.__doc__)
     parser.add_argument("root", help="a run or multirun directory")
     parser.add_argument(
@@ -198,18 +361,34 @@ def main(argv: list[str] | None = None) -> None:
         "distill/test_last/ece/student (default: teacher acc + final stage acc, agree, KL, ECE)",
     )
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
-    parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--out", help="also write the table to this file (and the plot next to it)")
+    parser.add_argument("--plot", help="bar chart of the selected accuracy per group (default: <out>.png)")
     args = parser.parse_args(argv)
-    rows = collect(args.root)
+    jobs = scan(args.root)
+    rows, notes = collect(args.root, jobs), problems(jobs)
     if not rows:
+        if notes:
+            print(notes, file=sys.stderr)
         raise SystemExit(f"gendd-report: no summary.json under {args.root}")
     metrics = args.metric or default_metrics(rows)
     missing = [m for m in metrics if not any(m in r for r in rows)]
     if missing:  # most likely a typo: say so rather than print a column of dashes silently
         print(f"gendd-report: no run has {missing}", file=sys.stderr)
     text = render(rows, metrics, args.format)
+    if notes and args.format == "csv":
+        print(notes, file=sys.stderr)
+    elif notes:
+        text += "\n" + notes + "\n"
     print(text, end="")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
+    plot = args.plot or (Path(args.out).with_suffix(".png") if args.out else None)
+    if plot and args.out and Path(plot) == Path(args.out):  # `--out table.png`: keep the table
+        plot = Path(args.out).with_name(Path(args.out).stem + "_plot.png")
+    if plot:
+        from gendd_framework.plots import plot_groups
+
+        keys = plot_metrics_of(metrics)
+        plot_groups(aggregate(rows, keys), keys, labels_for(rows, keys), Path(plot), first_column(rows))

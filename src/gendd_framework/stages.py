@@ -25,11 +25,13 @@ from gendd_framework.errors import ConfigError
 from gendd_framework.methods.base import freeze
 from gendd_framework.models import build_model, load_state_dict_file
 from gendd_framework.models.ensemble import EnsembleTeacher
-from gendd_framework.pipeline import RunContext, fit_method
 from gendd_framework.registry import METHODS, STAGES, split_spec
+from gendd_framework.runtime import RunContext, fit_method
 
-# data keys that do not change a teacher (it always trains on every label)
+# data keys that do not change a trained teacher (it always trains on every label; these loader keys
+# change speed, not arithmetic)
 TEACHER_NEUTRAL_DATA_KEYS = ("label_fraction",)
+TEACHER_NEUTRAL_LOADER_KEYS = ("eval_batch_size", "num_workers", "pin_memory")
 
 
 def plain(node: Any) -> Any:
@@ -37,11 +39,15 @@ def plain(node: Any) -> Any:
 
 
 def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) -> str:
-    """Hash of everything that determines a trained teacher: data, model and training recipe."""
+    """Hash of everything that determines a trained teacher: data (with its transform settings), model
+    and training recipe, and the loop settings that change the arithmetic; nothing else."""
     node = plain(node if node is not None else ctx.cfg.teacher)
     data = {k: v for k, v in plain(ctx.cfg.data).items() if k not in TEACHER_NEUTRAL_DATA_KEYS}
+    loader = {
+        k: v for k, v in (data.pop("loader", None) or {}).items() if k not in TEACHER_NEUTRAL_LOADER_KEYS
+    }
     recipe = {
-        "data": data,
+        "data": {**data, "loader": loader},
         "model": node["model"],
         "train": node.get("train"),
         "loop": {k: ctx.cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
@@ -115,17 +121,22 @@ def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
     if tcfg.get("run_dir") and not tcfg.get("model"):
         config_path = config_lib.run_config_path(Path(str(tcfg["run_dir"])).expanduser())
         if config_path is None:
-            raise ConfigError(f"teacher.run_dir={tcfg['run_dir']}: no run config found")
+            raise ConfigError(
+                f"teacher.run_dir={tcfg['run_dir']} is not a finished gendd-train run "
+                "(no config_resolved.yaml or .hydra/config.yaml)"
+            )
         return build_model(plain(OmegaConf.load(config_path).student), num_classes=num_classes)
     return build_model(tcfg["model"], num_classes=num_classes)
 
 
 def evaluate_teacher(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
+    """Val/test metrics of a teacher, keyed `acc/teacher`, `ece/teacher`, ... (never read as a student's)."""
     method = METHODS.build({"name": "ce"}, student=model)
     record = {}
     for split in ("val", "test"):
         loader, _ = ctx.loader(split)
-        record[split] = evaluate(method, loader, ctx.device)
+        metrics = evaluate(method, loader, ctx.device)
+        record[split] = {k.replace("/student", "/teacher"): v for k, v in metrics.items()}
     return record
 
 
@@ -185,7 +196,6 @@ def train_student(
         sched=cfg.sched,
         trainer=config_lib.trainer_config(cfg.trainer),
         seed=int(cfg.seed),
-        step_callbacks=getattr(method, "step_callbacks", lambda: [])(),
         reference=teacher,
     )
     ctx.models["student"] = method.student_model
@@ -231,7 +241,7 @@ def born_again_stage(ctx: RunContext, stage_name: str = "born_again") -> dict[st
 @STAGES.register("pretrain")
 def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
     """GenDD stage 1: train the student through the frozen teacher head (`pretrain:` config), keep the
-    backbone for the next stage and discard the projection (spec B.4)."""
+    backbone for the next stage and discard the projection (the official two-stage recipe)."""
     pcfg = ctx.cfg.get("pretrain")
     if pcfg is None or "teacher" not in ctx.models:
         raise ConfigError("stage 'pretrain' needs a `pretrain:` config and a `teacher` stage before it")

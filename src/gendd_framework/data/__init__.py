@@ -1,4 +1,4 @@
-"""Datasets and transforms, registered by name."""
+"""Datasets, registered by name (their transforms are plain functions of each dataset module)."""
 
 from gendd_framework.data import digits, vision  # noqa: F401  (registration side effects)
 from gendd_framework.data.base import DataSplits

@@ -6,10 +6,9 @@ import torch
 from torch import nn
 
 from gendd_framework.data.base import DataSplits, TensorImages, stratified_split
-from gendd_framework.registry import DATASETS, TRANSFORMS
+from gendd_framework.registry import DATASETS
 
 
-@TRANSFORMS.register("random_shift")
 class RandomShift(nn.Module):
     """Translate an image by up to `max_shift` pixels (zero fill) and add Gaussian pixel noise."""
 

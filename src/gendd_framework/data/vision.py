@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gendd_framework.data.base import DataSplits, carve
 from gendd_framework.errors import ConfigError
-from gendd_framework.registry import DATASETS, TRANSFORMS
+from gendd_framework.registry import DATASETS
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -15,7 +15,6 @@ CIFAR_STATS = {
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
-@TRANSFORMS.register("cifar_train")
 def cifar_train(mean=CIFAR_STATS["cifar100"][0], std=CIFAR_STATS["cifar100"][1], padding: int = 4):
     """RandomCrop(32, padding) + horizontal flip + normalise: the RepDistiller/mdistiller protocol."""
     import torchvision.transforms as T
@@ -25,7 +24,6 @@ def cifar_train(mean=CIFAR_STATS["cifar100"][0], std=CIFAR_STATS["cifar100"][1],
     )
 
 
-@TRANSFORMS.register("cifar_eval")
 def cifar_eval(mean=CIFAR_STATS["cifar100"][0], std=CIFAR_STATS["cifar100"][1]):
     """ToTensor + normalise."""
     import torchvision.transforms as T
@@ -33,7 +31,6 @@ def cifar_eval(mean=CIFAR_STATS["cifar100"][0], std=CIFAR_STATS["cifar100"][1]):
     return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
 
-@TRANSFORMS.register("imagenet_train")
 def imagenet_train(size: int = 224, crop_scale: float = 0.08, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1]):
     """RandomResizedCrop(scale=(crop_scale, 1)) + flip + normalise (GenDD's ImageNet stage 2 uses 0.6)."""
     import torchvision.transforms as T
@@ -42,7 +39,6 @@ def imagenet_train(size: int = 224, crop_scale: float = 0.08, mean=IMAGENET_STAT
     return T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-@TRANSFORMS.register("imagenet_eval")
 def imagenet_eval(size: int = 224, resize: int = 256, mean=IMAGENET_STATS[0], std=IMAGENET_STATS[1]):
     """Resize(256) + CenterCrop(224) + normalise."""
     import torchvision.transforms as T

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,10 @@ import numpy as np
 import torch
 
 from gendd_framework.errors import ConfigError
+
+LOG = logging.getLogger("gendd_framework")
+# atomic_save's temp names: mkstemp(prefix=".<target>.", suffix=".tmp") adds 8 random [a-z0-9_]
+TMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -28,6 +34,23 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_tmp(directory: str | Path) -> list[Path]:
+    """Delete temp files a killed `atomic_save` left behind (only names it generates); returns them.
+
+    Call it only when no save into `directory` can be in flight (a run owns its checkpoint folder)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and TMP_PATTERN.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        LOG.warning("removed %d stale checkpoint temp file(s) in %s", len(removed), directory)
+    return removed
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -69,6 +92,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: NumPy and Python `random` seeded from the worker's torch seed
+    (`base_seed + worker_id`, the base drawn from the loader's generator), so their draws differ per
+    worker and epoch and a resumed run repeats them. torch >= 1.9 already does this in its worker
+    loop; this makes it explicit and version-proof (SeedSequence: no correlated MT19937 streams)."""
+    seed = torch.initial_seed()
+    random.seed(seed)
+    np.random.seed(np.random.SeedSequence(seed).generate_state(4))
 
 
 def seed_everything(seed: int) -> None:

@@ -2,15 +2,18 @@
 
 It owns device placement, autocast, gradient accumulation and clipping, per-iteration LR schedules,
 evaluation on the validation split every N epochs, atomic last/best checkpoints with RNG state (so a
-resumed run continues exactly), metric logging and a progress bar. Methods only provide
-`training_step`, `predict` and `param_groups`.
+resumed run continues exactly), metric logging, a progress bar (terminals only) and one console line per
+epoch through `logging` (Hydra sends it to the console and `<run_dir>/<job>.log`). A non-finite loss
+stops the run on the step it happens, before the optimizer step. Methods only provide `training_step`,
+`predict` and `param_groups`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,11 @@ from tqdm.auto import tqdm
 
 from gendd_framework.context import StepContext, to_device
 from gendd_framework.engine import checkpoint as ckpt
-from gendd_framework.engine.loggers import MetricLogger, truncate_jsonl
+from gendd_framework.engine.loggers import MetricLogger, count_rows, truncate_jsonl
 from gendd_framework.engine.metrics import MetricAccumulator
-from gendd_framework.errors import ConfigError
+from gendd_framework.errors import ConfigError, NonFiniteLossError
 
-StepCallback = Callable[[int, int, torch.optim.Optimizer], None]
+LOG = logging.getLogger("gendd_framework")
 
 
 @dataclass
@@ -55,6 +58,23 @@ def autocast_context(device: torch.device, precision: str):
     if precision not in dtypes:
         raise ConfigError(f"trainer.precision must be one of fp32, bf16, fp16; got '{precision}'")
     return torch.autocast(device_type=device.type, dtype=dtypes[precision])
+
+
+def all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One device-side bool for a losses dict: no host sync until someone reads it."""
+    device = losses["loss"].device
+    return torch.stack([torch.isfinite(v).all().to(device) for v in losses.values()]).all()
+
+
+def first_non_finite(pending: list[dict[str, torch.Tensor]]) -> tuple[str, float]:
+    """(key, value) of the first non-finite entry over micro-batches, 'loss' before the terms."""
+    for losses in pending:
+        for key in sorted(losses, key=lambda k: k != "loss"):  # stable: dict order after 'loss'
+            flat = losses[key].float().flatten()
+            bad = flat[~torch.isfinite(flat)]
+            if bad.numel():
+                return key, float(bad[0])
+    raise AssertionError("first_non_finite called on finite losses")  # pragma: no cover
 
 
 @torch.no_grad()
@@ -100,7 +120,6 @@ class Trainer:
         logger: MetricLogger,
         shuffle_seed: int = 0,
         shuffle_generator: torch.Generator | None = None,
-        step_callbacks: list[StepCallback] | None = None,
         reference: torch.nn.Module | None = None,
     ) -> None:
         self.method, self.optimizer, self.scheduler = method, optimizer, scheduler
@@ -108,12 +127,12 @@ class Trainer:
         self.cfg, self.device, self.stage, self.logger = config, device, stage, logger
         self.ckpt_dir = Path(ckpt_dir)
         self.shuffle_seed, self.shuffle_generator = shuffle_seed, shuffle_generator
-        self.step_callbacks = step_callbacks or []
         self.reference = reference  # the teacher that validation metrics (agreement, KL) compare with
         self.select = config.select or f"acc/{getattr(method, 'primary_output', 'student')}"
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.epoch, self.step = 0, 0
         self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf"), "metrics": {}}
+        self.jsonl: Path | None = getattr(logger, "jsonl_path", None)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def path(self, which: str) -> Path:
@@ -129,9 +148,11 @@ class Trainer:
             "step": self.step,
             "best": self.best,
             "rng": ckpt.rng_state(),
+            # this stage's JSONL records so far: a resume keeps exactly these (see truncate_jsonl)
+            "log_rows": count_rows(self.jsonl, self.stage) if self.jsonl is not None else None,
         }
 
-    def restore(self, path: Path) -> None:
+    def restore(self, path: Path) -> dict[str, Any]:
         state = ckpt.load(path)
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -139,21 +160,40 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
         ckpt.set_rng_state(state["rng"])
+        return state
 
     # -- loop -----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train for `epochs` (continuing from `<stage>_last.pt` if `resume`), return the best record."""
-        jsonl = getattr(self.logger, "jsonl_path", None)
+        ckpt.remove_stale_tmp(self.ckpt_dir)  # a killed save's orphan; no save of this run is in flight
         if self.cfg.resume and self.path("last").exists():
-            self.restore(self.path("last"))
-            if jsonl is not None:
-                truncate_jsonl(jsonl, self.stage, self.step)
+            state = self.restore(self.path("last"))
+            LOG.info(
+                "%s: resumed from %s at epoch %d/%d (step %d)",
+                self.stage,
+                self.path("last"),
+                self.epoch,
+                self.cfg.epochs,
+                self.step,
+            )
+            if self.jsonl is not None:
+                truncate_jsonl(self.jsonl, self.stage, self.step, state.get("log_rows"))
+            if self.train_loader.num_workers > 0 and self.train_loader.persistent_workers:
+                LOG.warning(  # persistent workers carry their RNG across epochs instead of re-seeding
+                    "%s: train loader has persistent_workers=True: augmentation draws after this "
+                    "resume differ from an uninterrupted run (use persistent_workers=False)",
+                    self.stage,
+                )
+        elif self.jsonl is not None:  # a fresh start replaces whatever an earlier attempt logged
+            truncate_jsonl(self.jsonl, self.stage, -1, keep_rows=0)
         total_steps = self.cfg.epochs * optimizer_steps_per_epoch(
             len(self.train_loader), self.cfg.accum_steps
         )
         while self.epoch < self.cfg.epochs:
-            self.train_one_epoch(total_steps)
+            started = time.perf_counter()
+            record = self.train_one_epoch(total_steps)
             self.epoch += 1
+            metrics = None
             if self.val_loader is not None and (
                 self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
             ):
@@ -175,42 +215,74 @@ class Trainer:
                     ckpt.atomic_save(
                         {"method": self.method.state_dict(), "epoch": self.epoch}, self.path("best")
                     )
+                    LOG.info(
+                        "%s: new best val %s %.4g at epoch %d -> %s",
+                        self.stage,
+                        self.select,
+                        metrics[self.select],
+                        self.epoch,
+                        self.path("best"),
+                    )
             ckpt.atomic_save(self.state(), self.path("last"))
+            LOG.info(self.epoch_line(record, metrics, time.perf_counter() - started))
         return self.best
 
-    def train_one_epoch(self, total_steps: int) -> None:
+    def epoch_line(self, record: dict[str, Any] | None, metrics: dict | None, seconds: float) -> str:
+        """`distill epoch 3/60  loss 0.4123  val acc/student 96.12  (1.2 s)`: one line, greppable."""
+        parts = [f"{self.stage} epoch {self.epoch}/{self.cfg.epochs}"]
+        if record and "train/loss" in record:
+            parts.append(f"loss {record['train/loss']:.4f}")
+        if metrics is not None and self.select in metrics:
+            parts.append(f"val {self.select} {metrics[self.select]:.4g}")
+        parts.append(f"({seconds:.1f} s)")
+        return "  ".join(parts)
+
+    def train_one_epoch(self, total_steps: int) -> dict[str, Any]:
+        """One pass over the training split; returns (and logs) the epoch's train record.
+
+        Non-finite losses are caught on the step: each micro-batch adds `isfinite` of its losses to a
+        device-side flag (no sync), read once per optimizer step, before the update. That read is a
+        host sync (free on CPU; on GPU it waits for the backward before queuing the update, as
+        GradScaler's own inf check does every fp16 step). A sync-free flag could only be read a step
+        late, after the bad update."""
         self.method.train()
         if self.shuffle_generator is not None:  # the order depends only on (seed, epoch): resume-safe
             self.shuffle_generator.manual_seed(self.shuffle_seed * 1_000_003 + self.epoch)
         accum = max(1, self.cfg.accum_steps)
         steps_per_epoch = optimizer_steps_per_epoch(len(self.train_loader), accum)
-        running: dict[str, float] = {}
+        running: dict[str, torch.Tensor] = {}
+        pending: list[dict[str, torch.Tensor]] = []  # losses of the micro-batches since the last update
+        finite: torch.Tensor | None = None
         count, started = 0, time.perf_counter()
         bar = tqdm(
             self.train_loader,
             desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
-            disable=not self.cfg.progress,
+            disable=not (self.cfg.progress and sys.stderr.isatty()),  # no bar frames in log files
             leave=False,
             dynamic_ncols=True,
         )
         self.optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(bar):
-            batch = to_device(batch, self.device)
-            ctx = StepContext(self.step, self.epoch, steps_per_epoch, total_steps, self.cfg.epochs)
-            with autocast_context(self.device, self.cfg.precision):
-                losses = self.method.training_step(batch, ctx)
-            loss = losses["loss"]
-            self.scaler.scale(loss / accum).backward()
-            if (i + 1) % accum == 0 or i + 1 == len(self.train_loader):
-                self.optimizer_step(total_steps)
-            for k, v in losses.items():  # summed on device: no host sync per step
-                running[k] = running.get(k, 0.0) + v.detach().float()
-            count += 1
-            if count % self.cfg.log_every == 0 or i + 1 == len(self.train_loader):
-                mean_loss = running["loss"].item() / count
-                if mean_loss != mean_loss or mean_loss in (float("inf"), float("-inf")):
-                    raise FloatingPointError(f"non-finite loss in {self.stage} by step {self.step}")
-                bar.set_postfix(loss=f"{mean_loss:.4f}")
+        with contextlib.closing(bar):
+            for i, batch in enumerate(bar):
+                batch = to_device(batch, self.device)
+                ctx = StepContext(self.step, self.epoch, steps_per_epoch, total_steps, self.cfg.epochs)
+                with autocast_context(self.device, self.cfg.precision):
+                    losses = self.method.training_step(batch, ctx)
+                detached = {k: v.detach() for k, v in losses.items()}
+                ok = all_finite(detached)
+                finite = ok if finite is None else finite & ok
+                pending.append(detached)
+                self.scaler.scale(losses["loss"] / accum).backward()
+                if (i + 1) % accum == 0 or i + 1 == len(self.train_loader):
+                    if not bool(finite):  # the one host sync per optimizer step
+                        self.stop_non_finite(pending)
+                    self.optimizer_step(total_steps)
+                    pending, finite = [], None
+                for k, v in detached.items():  # summed on device: no host sync per step
+                    running[k] = running.get(k, 0.0) + v.float()
+                count += 1
+                if not bar.disable and (count % self.cfg.log_every == 0 or i + 1 == len(self.train_loader)):
+                    bar.set_postfix(loss=f"{running['loss'].item() / count:.4f}")
         elapsed = time.perf_counter() - started
         record = {
             "stage": self.stage,
@@ -221,13 +293,28 @@ class Trainer:
         }
         record.update({f"train/{k}": float(v) / max(count, 1) for k, v in running.items()})
         self.logger.log(record)
+        return record
+
+    def stop_non_finite(self, pending: list[dict[str, torch.Tensor]]) -> None:
+        """Log the event and raise before the update: no optimizer step, no `last` checkpoint."""
+        key, value = first_non_finite(pending)
+        self.logger.log(
+            {
+                "stage": self.stage,
+                "epoch": self.epoch + 1,
+                "step": self.step,
+                "event": "non_finite_loss",
+                "key": key,
+                "value": str(value),
+            }
+        )
+        LOG.error("%s: non-finite loss '%s' = %s at step %d; stopping", self.stage, key, value, self.step)
+        raise NonFiniteLossError(self.stage, self.step, key, value)
 
     def optimizer_step(self, total_steps: int) -> None:
         before_step = getattr(self.optimizer, "before_step", None)  # e.g. the AdamW beta2 ramp
         if before_step is not None:
             before_step(self.step, total_steps)
-        for callback in self.step_callbacks:
-            callback(self.step, total_steps, self.optimizer)
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]

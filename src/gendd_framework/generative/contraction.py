@@ -1,8 +1,9 @@
 """Distribution Contraction and feature mixup: how labels and batch mixing enter GenDD's target.
 
-Contraction (spec B.5, E): x0 = (1−λ)·f + λ·c with c = W[y] (hard labels) or y_soft @ W (soft labels),
-W the frozen teacher classifier weight (C, D_t). Denoising toward x0 is gradient-equivalent to the
-two-task objective (1−λ)·L_KD + λ·L_CLS (section E), without backpropagating through a sampler.
+Contraction (GenDD paper): x0 = (1−λ)·f + λ·c with c = W[y] (hard labels) or y_soft @ W (soft
+labels), W the frozen teacher classifier weight (C, D_t). As the paper derives, denoising toward x0 is
+gradient-equivalent to the two-task objective (1−λ)·L_KD + λ·L_CLS, without backpropagating through a
+sampler.
 
 Mixup draws one m ~ Beta(β, β) per call and one permutation, and mixes the (condition, target)
 pairs with the same m. All randomness comes from the passed torch.Generator, so runs are seedable.

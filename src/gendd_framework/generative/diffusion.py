@@ -29,7 +29,8 @@ from gendd_framework.registry import OBJECTIVES
 
 ModelFn = Callable[..., Any]
 
-_BIN_HALF_WIDTH = 1.0 / 255.0  # 8-bit image bins, kept for parity on features (spec F.11)
+# The official code keeps the image-diffusion decoder NLL (8-bit bins) on features too; kept for parity.
+_BIN_HALF_WIDTH = 1.0 / 255.0
 _EDGE = 0.999
 _MIN_PROB = 1e-12
 
@@ -71,7 +72,7 @@ def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_variance: t
 
 @OBJECTIVES.register("gaussian_diffusion")
 class GaussianDiffusion:
-    """DDPM objective: ε-MSE plus the IDDPM variational bound for a learned-range variance (GenDD B.3).
+    """DDPM objective: ε-MSE plus the IDDPM variational bound for a learned-range variance (as GenDD).
 
     Args:
         num_timesteps: length T of the training chain.

@@ -1,4 +1,4 @@
-"""The GenDD denoiser: a per-token MLP with adaLN conditioning (spec B.2).
+"""The GenDD denoiser: a per-token MLP with adaLN conditioning (the GenDD paper's diffusion head).
 
 Rows are laid out as (…, B, n, k): any leading replica/sample dims, B images, n token positions, k
 channels. The conditioning vector of a row is y = time_emb(t) + cond_embed(z_b) + pos_embed(j); each
@@ -11,7 +11,8 @@ term is computed at the granularity at which it varies and combined by broadcast
 - the adaLN modulations of y therefore run per (image, position) while sampling, not per sample.
 
 Condition dropout (CFG training) replaces the context of a dropped row by the null context
-cond_embed(0) + pos_embed(j) = bias + pos_embed(j): the null condition is the zero vector (spec F.10).
+cond_embed(0) + pos_embed(j) = bias + pos_embed(j): the null condition is the zero vector, as in the
+official GenDD code.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ HeadModelFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 @HEADS.register("mlp_adaln")
 class MLPAdaLNHead(nn.Module):
-    """Per-token MLP denoiser with adaLN blocks, conditioned on student feature + token position (GenDD B.2).
+    """Per-token MLP denoiser with adaLN blocks, conditioned on student feature + token position (GenDD).
 
     Args:
         token_dim: k, channels of one token (the tokenizer's token_dim).

@@ -10,9 +10,9 @@ Model-call contract (shared with `GaussianDiffusion.training_losses`):
 `guided=True` the model evaluates the SAME x under its condition and under the null condition, in one
 batch if it likes (`MLPAdaLNHead.make_model_fn` does: [z ; null] share the input projection). The
 sampler then combines ε = ε_u + s·(ε_c − ε_u) on the first k channels and keeps the variance channels
-of the conditional output (spec B.2). Because only one x is ever carried, the cond and uncond branches
-always see the same x_t: the initial noise (and every later state) is shared between them.
-With guidance_scale == 1 the unconditional branch is never evaluated.
+of the conditional output (as the official GenDD code does). Because only one x is ever carried, the
+cond and uncond branches always see the same x_t: the initial noise (and every later state) is shared
+between them. With guidance_scale == 1 the unconditional branch is never evaluated.
 
 All randomness is drawn from the passed `torch.Generator`, which must live on the sampling device.
 """
@@ -135,7 +135,8 @@ class _Sampler:
 
 @SAMPLERS.register("ddpm")
 class DDPMSampler(_Sampler):
-    """Ancestral DDPM sampling on a respaced chain with learned variance (GenDD's sampler, spec B.3).
+    """Ancestral DDPM sampling on a respaced chain with learned variance (GenDD's sampler; the official code
+    uses 100 steps on CIFAR-100 and 64 on ImageNet).
 
     `temperature` multiplies the injected noise (not the initial noise); no noise is added at the last
     step; the x0 prediction is not clipped.
@@ -168,10 +169,11 @@ class DDIMSampler(_Sampler):
     """DDIM sampling on a respaced chain; eta=0 is deterministic given the initial noise.
 
     x_{prev} = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z with σ = η·√((1−ᾱ_prev)/(1−ᾱ))·√(1−ᾱ/ᾱ_prev).
-    Learned variance channels are ignored.
+    Learned variance channels are ignored. Default 10 steps: on digits it matches DDPM-100 within seed
+    noise (benchmarks/results/fast_samplers.md).
     """
 
-    def __init__(self, steps: int | str = 50, eta: float = 0.0) -> None:
+    def __init__(self, steps: int | str = 10, eta: float = 0.0) -> None:
         super().__init__()
         if eta < 0:
             raise ConfigError(f"eta must be >= 0, got {eta}")

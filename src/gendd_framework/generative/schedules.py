@@ -25,7 +25,7 @@ def cosine_betas(num_timesteps: int, max_beta: float = 0.999, offset: float = 0.
     """Cosine schedule: ᾱ(s) = cos²((s + offset)/(1 + offset) · π/2), β_i = min(1 − ᾱ((i+1)/T)/ᾱ(i/T), max).
 
     Why: the cosine schedule destroys information more evenly over t than the linear one, and it is the
-    schedule GenDD trains with (spec B.3).
+    schedule GenDD trains with (official code: cosine, T = 1000).
     """
     _check_positive_int(num_timesteps, "num_timesteps")
 

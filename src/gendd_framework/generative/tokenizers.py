@@ -1,4 +1,4 @@
-"""Split Tokenization: cut a D-dim feature vector into n = D/k contiguous k-dim tokens (spec B.5).
+"""Split Tokenization (GenDD paper): cut a D-dim feature vector into n = D/k contiguous k-dim tokens.
 
 Each token is an independent diffusion sample conditioned on the same student feature plus a learned
 position embedding (which lives in the head, with num_positions = tokenizer.num_tokens). The

@@ -120,6 +120,10 @@ class Method(nn.Module):
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"student": self.student(x)["logits"]}
 
+    def output_names(self) -> tuple[str, ...]:
+        """The keys `predict` returns (validation metrics are `<metric>/<name>`): checked at build."""
+        return tuple(dict.fromkeys((self.primary_output, "student")))
+
     def on_evaluate_start(self) -> None:
         """Called before each evaluation pass (stochastic methods re-seed their samplers here)."""
 

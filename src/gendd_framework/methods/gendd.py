@@ -2,7 +2,8 @@
 
 Composed from registered parts (tokenizer, head, objective, sampler) plus Distribution Contraction and
 feature mixup. `predict` returns `generative` logits (teacher head on sampled features) and `student`
-logits (the student's own CE-trained linear head, one pass). Spec: shared/GENDD_SPEC.md B.5, C.
+logits (the student's own CE-trained linear head, one pass). Follows the GenDD paper (Split Tokenization,
+Distribution Contraction) and the official code's training and sampling settings.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ from gendd_framework.generative.contraction import contract, feature_mixup
 from gendd_framework.methods.base import Method
 from gendd_framework.methods.terms import labelled_cross_entropy
 from gendd_framework.models.builder import freeze_parameters
-from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS, split_spec
+from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS
 
-DEFAULT_TOKENIZER = {"name": "split", "token_dim": 64}
-DEFAULT_HEAD = {"name": "mlp_adaln", "width": 1024, "depth": 3}
-DEFAULT_OBJECTIVE = {"name": "gaussian_diffusion", "num_timesteps": 1000, "schedule": "cosine"}
-DEFAULT_SAMPLER = {"name": "ddpm", "steps": 100, "temperature": 1.0}
+# The components a Python caller gets when leaving a slot out. Their settings are the components' own
+# signature defaults (split: token_dim 64; mlp_adaln: width 1024, depth 3; gaussian_diffusion: T 1000,
+# cosine, learned variance; ddpm: 100 steps), i.e. the official values, so they are stated once, there;
+# conf/method/gendd.yaml spells the same values out as documentation of the published setting.
+DEFAULT_TOKENIZER = "split"
+DEFAULT_HEAD = "mlp_adaln"
+DEFAULT_OBJECTIVE = "gaussian_diffusion"
+DEFAULT_SAMPLER = "ddpm"
 
 
 @METHODS.register("gendd")
@@ -70,18 +75,20 @@ class GenDD(Method):
         if target_scale != "auto" and not (isinstance(target_scale, (int, float)) and target_scale > 0):
             raise ConfigError(f"target_scale must be a number > 0 or 'auto', got {target_scale!r}")
         teacher_dim, student_dim = self.teacher.feature_dim, self.student.feature_dim
-        tok_name, tok_kwargs = split_spec(tokenizer or DEFAULT_TOKENIZER, "tokenizer")
-        self.tokenizer = TOKENIZERS.build({"name": tok_name, **tok_kwargs}, feature_dim=teacher_dim)
+        self.tokenizer = TOKENIZERS.build(tokenizer or DEFAULT_TOKENIZER, feature_dim=teacher_dim)
         self.norm = nn.LayerNorm(student_dim)
+        self.objective = OBJECTIVES.build(objective or DEFAULT_OBJECTIVE)
+        # The head's output channels follow the objective's learn_sigma unless the head config sets it.
         self.head = HEADS.build(
             head or DEFAULT_HEAD,
             token_dim=self.tokenizer.token_dim,
             cond_dim=student_dim,
             num_positions=self.tokenizer.num_tokens,
+            learn_sigma=getattr(self.objective, "learn_sigma", True),
         )
-        self.objective = OBJECTIVES.build(objective or DEFAULT_OBJECTIVE)
         self.sampler = SAMPLERS.build(sampler or DEFAULT_SAMPLER)
-        # A detached copy of the teacher head (spec F.12): contraction centres and test-time classifier.
+        # A detached copy of the teacher head (the official code's choice): contraction centres and test-time
+        # classifier.
         self.register_buffer("class_weight", self.teacher.classifier.weight.detach().clone())
         bias = self.teacher.classifier.bias
         self.register_buffer("class_bias", bias.detach().clone() if bias is not None else None)

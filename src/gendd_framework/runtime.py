@@ -1,0 +1,164 @@
+"""What stages run on: the run context (config, data, device, logger, models of earlier stages) and
+the fit helper every training stage uses. It sits below the stages (which import it) and above the
+engine, so plugin loading and the pipeline never have to be imported by a stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader
+
+from gendd_framework.data.base import BatchDataset, DataSplits
+from gendd_framework.engine.checkpoint import load as load_checkpoint
+from gendd_framework.engine.checkpoint import seed_worker
+from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
+from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate, optimizer_steps_per_epoch
+from gendd_framework.errors import ConfigError
+from gendd_framework.registry import DATASETS, LOGGERS, OPTIMIZERS, SCHEDULERS, split_spec
+
+LOADER_DEFAULTS = {"batch_size": 64, "eval_batch_size": 256, "num_workers": 0, "pin_memory": None}
+
+
+@dataclass
+class RunContext:
+    """What stages share: the config, data, device, logger, and models produced by earlier stages."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    data: DataSplits
+    loader_cfg: dict[str, Any]
+    logger: MetricLogger
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def loader(
+        self, split: str, *, shuffle_seed: int | None = None, all_labels: bool = False
+    ) -> tuple[DataLoader, torch.Generator | None]:
+        """Batches as mappings; the training split hides the labels outside `data.label_mask` unless
+        `all_labels` (teachers train on every label)."""
+        train = split == "train"
+        mask = self.data.label_mask if train and not all_labels else None
+        dataset = BatchDataset(getattr(self.data, split), mask)
+        generator = torch.Generator() if train else None
+        if generator is not None and shuffle_seed is not None:
+            generator.manual_seed(shuffle_seed)
+        pin = self.loader_cfg["pin_memory"]
+        loader = DataLoader(
+            dataset,
+            batch_size=self.loader_cfg["batch_size" if train else "eval_batch_size"],
+            shuffle=train,
+            drop_last=train and len(dataset) > self.loader_cfg["batch_size"],
+            num_workers=self.loader_cfg["num_workers"],
+            pin_memory=self.device.type == "cuda" if pin is None else pin,
+            # train workers restart each epoch: persistent ones would carry RNG state across a resume
+            persistent_workers=self.loader_cfg["num_workers"] > 0 and not train,
+            worker_init_fn=seed_worker,
+            generator=generator,
+        )
+        return loader, generator
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
+    return device
+
+
+def build_data(node: DictConfig) -> tuple[DataSplits, dict[str, Any]]:
+    name, kwargs = split_spec(node, "dataset")
+    loader_cfg = {**LOADER_DEFAULTS, **(kwargs.pop("loader", None) or {})}
+    unknown = set(loader_cfg) - set(LOADER_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"unknown data.loader key(s) {sorted(unknown)}; allowed: {sorted(LOADER_DEFAULTS)}")
+    return DATASETS.build({"name": name, **kwargs}), loader_cfg
+
+
+def build_logger(cfg: DictConfig, run_dir: Path) -> LoggerGroup:
+    specs = (cfg.get("logger") or {}).get("backends") or [{"name": "jsonl"}]
+    loggers: list[MetricLogger] = []
+    for spec in specs:
+        name, kwargs = split_spec(spec, "logger")
+        if name == "wandb" and kwargs.get("config") is None:
+            kwargs["config"] = OmegaConf.to_container(cfg, resolve=True)
+        loggers.append(LOGGERS.build({"name": name, **kwargs}, run_dir=str(run_dir)))
+    if not any(isinstance(lg, JsonlLogger) for lg in loggers):
+        loggers.insert(0, JsonlLogger(str(run_dir)))
+    group = LoggerGroup(loggers)
+    group.jsonl_path = next(lg.path for lg in loggers if isinstance(lg, JsonlLogger))
+    return group
+
+
+def fit_method(
+    ctx: RunContext,
+    method,
+    stage: str,
+    *,
+    optim: DictConfig | dict,
+    sched: DictConfig | dict,
+    trainer: TrainerConfig,
+    seed: int,
+    reference: nn.Module | None = None,
+    all_labels: bool = False,
+) -> dict[str, Any]:
+    """Train `method` on train, select on val, then report test for the best-on-val and last weights.
+
+    `reference` is the teacher that evaluation metrics (agreement, KL) compare with."""
+    method.to(ctx.device)
+    train_loader, generator = ctx.loader("train", shuffle_seed=seed, all_labels=all_labels)
+    val_loader, _ = ctx.loader("val")
+    test_loader, _ = ctx.loader("test")
+    opt_name, opt_kwargs = split_spec(optim, "optimizer")
+    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
+    optimizer = OPTIMIZERS.build({"name": opt_name, **opt_kwargs}, params=groups)
+    scheduler = SCHEDULERS.build(
+        sched,
+        optimizer=optimizer,
+        steps_per_epoch=optimizer_steps_per_epoch(len(train_loader), trainer.accum_steps),
+        epochs=trainer.epochs,
+    )
+    loop = Trainer(
+        method,
+        optimizer,
+        scheduler,
+        train_loader,
+        val_loader,
+        config=trainer,
+        device=ctx.device,
+        ckpt_dir=ctx.ckpt_dir,
+        stage=stage,
+        logger=ctx.logger,
+        shuffle_seed=seed,
+        shuffle_generator=generator,
+        reference=reference,
+    )
+    best = loop.fit()
+    test_last = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
+    if loop.path("best").exists():
+        method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
+    test = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
+    record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
+    if method.eval_settings():
+        record["eval_settings"] = method.eval_settings()
+    ctx.logger.log(
+        {
+            "stage": stage,
+            "epoch": trainer.epochs,
+            "step": loop.step,
+            **{f"test/{k}": v for k, v in test.items()},
+        }
+    )
+    return record
