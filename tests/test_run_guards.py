@@ -204,3 +204,22 @@ def test_the_run_log_file_has_the_epoch_lines(tmp_path, cache_dir):
     log = (tmp_path / "run" / "gendd-train.log").read_text()
     assert "distill epoch 1/2" in log and "distill epoch 2/2" in log
     assert "\r" not in res.stderr  # no progress bar when stderr is not a terminal
+
+
+def test_command_line_method_values_win_over_per_recipe_values(compose):
+    from gendd_framework import config as config_lib
+
+    experiment = "experiment=cifar100/gendd_resnet32x4_resnet8x4"
+    recipe_only = config_lib.apply_recipe(compose([experiment]))
+    assert recipe_only.method.lam == 0.7  # the pair's published value
+    overrides = [experiment, "method.lam=0.5", "method/sampler=euler"]
+    cfg = config_lib.apply_recipe(compose(overrides), overrides)
+    assert cfg.method.lam == 0.5 and cfg.method.sampler.name == "euler"
+    imagenet = [
+        "experiment=imagenet/gendd_resnet34_resnet18",
+        "method/objective=flow",
+        "method/sampler=euler",
+    ]
+    cfg = config_lib.apply_recipe(compose(imagenet), imagenet)
+    assert cfg.method.sampler.steps == 4  # the recipe's 64 DDPM steps do not leak into a chosen sampler
+    assert "per_recipe" not in cfg.method

@@ -32,7 +32,7 @@ def train_main() -> None:
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
-            summary = run_job(cfg, run_dir)
+            summary = run_job(cfg, run_dir, list(hydra_cfg.overrides.task))
         except Exception as exc:  # noqa: BLE001  (recorded, then reported by exit code or sweep summary)
             code = record_failure(run_dir, exc)
             if hydra_cfg.mode == RunMode.MULTIRUN:  # one failing job does not end the sweep
@@ -55,10 +55,10 @@ def train_main() -> None:
         raise SystemExit(EXIT_SWEEP_FAILURES)
 
 
-def run_job(cfg, run_dir: Path) -> dict:
+def run_job(cfg, run_dir: Path, overrides: list[str]) -> dict:
     from gendd_framework.pipeline import run
 
-    return run(cfg, run_dir)
+    return run(cfg, run_dir, overrides)
 
 
 def record_failure(run_dir: Path, exc: Exception) -> int | None:

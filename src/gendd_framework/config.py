@@ -85,12 +85,14 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
-def apply_recipe(cfg: DictConfig) -> DictConfig:
+def apply_recipe(cfg: DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
     """Merge the method's `per_recipe[<cfg.recipe>]` values into the method node and drop the table.
 
     Per-pair and per-dataset settings (GenDD's λ per CIFAR pair, DKD's β per pair, the digits head)
     live with the method that owns them, so an experiment names its recipe once (`recipe:
-    cifar100/resnet56_resnet20`) and works with every method: `experiment=... method=dkd`.
+    cifar100/resnet56_resnet20`) and works with every method: `experiment=... method=dkd`. The
+    command line still wins: `method.*` keys and `method/<group>` choices named in `overrides` (the
+    job's Hydra overrides) keep the values the user gave.
     """
     method = cfg.get("method")
     if not isinstance(method, DictConfig) or "per_recipe" not in method:
@@ -99,9 +101,25 @@ def apply_recipe(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         table = cfg.method.pop("per_recipe") or {}
         recipe = cfg.get("recipe")
-        if recipe is not None and recipe in table:
-            cfg.method = OmegaConf.merge(cfg.method, table[recipe])
+        if recipe is None or recipe not in table:
+            return cfg
+        kept = {path: OmegaConf.select(cfg, path) for path in user_method_keys(overrides)}
+        cfg.method = OmegaConf.merge(cfg.method, table[recipe])
+        for path, value in kept.items():
+            if value is not None:
+                OmegaConf.update(cfg, path, value, merge=False, force_add=True)
     return cfg
+
+
+def user_method_keys(overrides: Iterable[str]) -> list[str]:
+    """Config paths under `method` that command-line overrides set (`method.lam=0.5` -> method.lam,
+    `method/sampler=euler` -> method.sampler)."""
+    paths = []
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("method.") or key.startswith("method/"):
+            paths.append(key.replace("/", "."))
+    return paths
 
 
 def run_config_path(run_dir: Path) -> Path | None:

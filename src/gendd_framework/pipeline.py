@@ -82,14 +82,14 @@ def stage_keys(cfg: DictConfig) -> list[tuple[str, str, dict]]:
     return keys
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Validate and build everything (preflight), then run every configured stage; returns (and
     writes) the summary. A non-finite loss stops the run with the failure recorded in summary.json."""
     from gendd_framework.preflight import preflight
     from gendd_framework.provenance import provenance
     from gendd_framework.registry import STAGES
 
-    cfg = config_lib.apply_recipe(cfg)
+    cfg = config_lib.apply_recipe(cfg, overrides)  # `overrides`: the job's command line, which wins
     config_lib.validate(cfg)
     plugins = load_plugins(cfg.get("plugins") or [])
     if plugins:  # recorded absolute, so gendd-eval and from_run work from any directory

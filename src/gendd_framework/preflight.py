@@ -125,6 +125,8 @@ def preflight(cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -
         params = method.param_groups(weight_decay)
         check_optimisation(cfg.optim, cfg.sched, params, int(cfg.trainer.epochs), stage)
         check_select(cfg, method)
+        if "reflow" in stage_names and getattr(getattr(method, "objective", None), "kind", None) != "flow":
+            raise ConfigError("stage 'reflow' retrains a flow head: use method=gendd, method/objective=flow")
         optimizer_steps_per_epoch(1, int(cfg.trainer.get("accum_steps", 1)))
         student = build_model(cfg.student, num_classes=num_classes)
     torch.manual_seed(int(cfg.seed))  # what preflight drew from the RNG does not leak into the run

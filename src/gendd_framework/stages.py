@@ -199,6 +199,7 @@ def train_student(
         reference=teacher,
     )
     ctx.models["student"] = method.student_model
+    ctx.models["method"] = method  # later stages (reflow) continue from the trained method
     return record
 
 

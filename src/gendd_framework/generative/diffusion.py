@@ -84,6 +84,8 @@ class GaussianDiffusion:
         fixed_variance: variance when not learn_sigma: 'large' (β_t, β̃_1 at t=0) or 'small' (β̃_t).
     """
 
+    kind = "diffusion"  # the Objective protocol (generative/protocol.py): sampled by ddpm / ddim
+
     def __init__(
         self,
         num_timesteps: int = 1000,
@@ -297,7 +299,7 @@ class GaussianDiffusion:
 
         One t ~ U{0..T−1} and one ε per row (every index of x0.shape[:-1]); `reduction='mean'` averages
         over all rows (official), 'none' returns per-row tensors of shape x0.shape[:-1]. `t`/`noise`
-        override the draws (tests, antithetic sampling).
+        override the draws (tests, antithetic sampling, fixed couplings); pass them by keyword.
         """
         if reduction not in ("mean", "none"):
             raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")

@@ -15,39 +15,29 @@ cond and uncond branches always see the same x_t: the initial noise (and every l
 between them. With guidance_scale == 1 the unconditional branch is never evaluated.
 
 All randomness is drawn from the passed `torch.Generator`, which must live on the sampling device.
+Both samplers sample `kind == "diffusion"` objectives only (generative/protocol.py); flow objectives
+use the samplers of generative/flow.py.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.generative.diffusion import GaussianDiffusion, ModelFn, as_working, check_generator
+from gendd_framework.generative import flow  # noqa: F401  (registers the flow objective and samplers)
+from gendd_framework.generative.diffusion import GaussianDiffusion, ModelFn
+from gendd_framework.generative.protocol import guided_model_output, initial_state, require_kind
 from gendd_framework.registry import SAMPLERS
 
-
-def guided_model_output(
-    model_fn: ModelFn, x: torch.Tensor, t: torch.Tensor, guidance_scale: float = 1.0
-) -> torch.Tensor:
-    """Model output for x under classifier-free guidance (scale 1: a single conditional call).
-
-    Only the first k = x.shape[-1] channels (the ε/x0 prediction) are guided; any further channels
-    (learned variance) are taken from the conditional output.
-    """
-    if guidance_scale == 1.0:
-        return model_fn(x, t)
-    out_c, out_u = model_fn(x, t, guided=True)
-    k = x.shape[-1]
-    guided = out_u[..., :k] + guidance_scale * (out_c[..., :k] - out_u[..., :k])
-    return torch.cat([guided, out_c[..., k:]], dim=-1)
+__all__ = ["DDIMSampler", "DDPMSampler", "guided_model_output"]
 
 
 class _Sampler:
     """Shared plumbing: respacing cache, device/dtype/generator resolution, initial noise."""
 
+    objectives: tuple[str, ...] = ("diffusion",)
     steps: int | str
 
     def __init__(self) -> None:
@@ -75,13 +65,19 @@ class _Sampler:
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
+        require_kind(self, diffusion)
         chain = self.respaced(diffusion)
-        x, out_dtype = self._start(shape, generator, device, dtype, noise, model_fn, guidance_scale)
+        x, out_dtype = initial_state(shape, generator, device, dtype, noise, model_fn, guidance_scale)
         for i in reversed(range(chain.num_timesteps)):
             t = self._timestep(i, x)
             output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
             x = self._update(chain, chain.p_mean_variance(output, x, t), x, t, i, generator)
         return x.to(out_dtype)
+
+    def nfe(self, diffusion: GaussianDiffusion) -> int:
+        """Model calls per sample: one per step of the respaced chain (guided calls are one batch)."""
+        require_kind(self, diffusion)
+        return self.respaced(diffusion).num_timesteps
 
     def _update(
         self,
@@ -94,38 +90,6 @@ class _Sampler:
     ) -> torch.Tensor:
         """x_{t-1} from the model's step statistics (sampler-specific)."""
         raise NotImplementedError
-
-    @staticmethod
-    def _start(
-        shape: Sequence[int],
-        generator: torch.Generator | None,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-        noise: torch.Tensor | None,
-        model_fn: ModelFn,
-        guidance_scale: float,
-    ) -> tuple[torch.Tensor, torch.dtype]:
-        """(x_T in working precision (>= float32), dtype of the returned sample)."""
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 1:
-            raise ConfigError("sample shape needs at least a channel dimension (…, k)")
-        if guidance_scale != 1.0 and not _accepts_guided(model_fn):
-            raise ConfigError(
-                f"guidance_scale={guidance_scale} needs a model_fn accepting guided=True and returning "
-                "(cond_output, uncond_output), e.g. MLPAdaLNHead.make_model_fn(cond)"
-            )
-        if noise is not None:
-            if tuple(noise.shape) != shape:
-                raise ConfigError(f"initial noise has shape {tuple(noise.shape)}, expected {shape}")
-            check_generator(generator, noise.device)
-            return as_working(noise), noise.dtype
-        if device is None:
-            device = generator.device if generator is not None else torch.device("cpu")
-        device = torch.device(device)
-        check_generator(generator, device)
-        out_dtype = dtype or torch.float32
-        x = torch.randn(shape, generator=generator, device=device, dtype=_working_dtype(out_dtype))
-        return x, out_dtype
 
     @staticmethod
     def _timestep(i: int, x: torch.Tensor) -> torch.Tensor:
@@ -197,15 +161,3 @@ class DDIMSampler(_Sampler):
             eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             mean = mean + sigma * eps
         return mean
-
-
-def _accepts_guided(model_fn: ModelFn) -> bool:
-    try:
-        params = inspect.signature(model_fn).parameters
-    except (TypeError, ValueError):
-        return True  # cannot tell; let the call decide
-    return "guided" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32

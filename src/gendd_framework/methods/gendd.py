@@ -16,11 +16,13 @@ from torch import nn
 
 from gendd_framework.context import StepContext, distill_targets
 from gendd_framework.errors import ConfigError
+from gendd_framework.generative import flow  # noqa: F401  (registers flow_matching, euler, heun, one_step)
 from gendd_framework.generative.contraction import contract, feature_mixup
+from gendd_framework.generative.protocol import check_objective, check_sampler, require_kind
 from gendd_framework.methods.base import Method
 from gendd_framework.methods.terms import labelled_cross_entropy
 from gendd_framework.models.builder import freeze_parameters
-from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS
+from gendd_framework.registry import HEADS, METHODS, OBJECTIVES, SAMPLERS, TOKENIZERS, Registry, split_spec
 
 # The components a Python caller gets when leaving a slot out. Their settings are the components' own
 # signature defaults (split: token_dim 64; mlp_adaln: width 1024, depth 3; gaussian_diffusion: T 1000,
@@ -39,7 +41,10 @@ class GenDD(Method):
     lam: Distribution Contraction λ (x0 = (1-λ)·f_t + λ·W_t[y]); 0 with `use_labels: false` is the
     unsupervised variant. mixup_beta: feature mixup Beta(β,β) (0 = off). cond_drop_prob: condition
     dropout for classifier-free guidance. diffusion_batch_mul: M replicas of every token row.
-    ce_weight: weight of the student-head CE (0 disables it). The remaining keys are evaluation knobs.
+    ce_weight: weight of the student-head CE (0 disables it). objective_overrides: settings per
+    objective name, merged over the objective config only when that objective is chosen (a recipe can
+    tune the diffusion schedule without breaking `method/objective=flow`). The remaining keys are
+    evaluation knobs. GenDD talks to objective and sampler only through generative/protocol.py.
     """
 
     primary_output = "generative"
@@ -64,6 +69,7 @@ class GenDD(Method):
         eval_seed: int = 0,
         official_weight_decay: bool = False,
         target_scale: float | str = 1.0,
+        objective_overrides: dict[str, dict] | None = None,
     ) -> None:
         if teacher is None:
             raise ConfigError("method 'gendd' needs a teacher: add the `teacher` stage before `distill`")
@@ -77,16 +83,28 @@ class GenDD(Method):
         teacher_dim, student_dim = self.teacher.feature_dim, self.student.feature_dim
         self.tokenizer = TOKENIZERS.build(tokenizer or DEFAULT_TOKENIZER, feature_dim=teacher_dim)
         self.norm = nn.LayerNorm(student_dim)
-        self.objective = OBJECTIVES.build(objective or DEFAULT_OBJECTIVE)
+        objective_name, objective_kwargs = split_spec(objective or DEFAULT_OBJECTIVE, "objective")
+        objective_kwargs.update(_overrides_for(objective_name, objective_overrides))
+        self.objective = OBJECTIVES.build({"name": objective_name, **objective_kwargs})
+        check_objective(self.objective, objective_name)
+        sampler_spec = sampler or DEFAULT_SAMPLER
+        self.sampler = SAMPLERS.build(sampler_spec)
+        sampler_name = split_spec(sampler_spec, "sampler")[0]
+        check_sampler(self.sampler, sampler_name)
+        require_kind(self.sampler, self.objective, sampler_name, objective_name)
         # The head's output channels follow the objective's learn_sigma unless the head config sets it.
         self.head = HEADS.build(
             head or DEFAULT_HEAD,
             token_dim=self.tokenizer.token_dim,
             cond_dim=student_dim,
             num_positions=self.tokenizer.num_tokens,
-            learn_sigma=getattr(self.objective, "learn_sigma", True),
+            learn_sigma=self.objective.learn_sigma,
         )
-        self.sampler = SAMPLERS.build(sampler or DEFAULT_SAMPLER)
+        if getattr(self.head, "learn_sigma", self.objective.learn_sigma) != self.objective.learn_sigma:
+            raise ConfigError(
+                f"head learn_sigma={self.head.learn_sigma} but objective '{objective_name}' has "
+                f"learn_sigma={self.objective.learn_sigma}; drop learn_sigma from the head config"
+            )
         # A detached copy of the teacher head (the official code's choice): contraction centres and test-time
         # classifier.
         self.register_buffer("class_weight", self.teacher.classifier.weight.detach().clone())
@@ -132,13 +150,12 @@ class GenDD(Method):
         rows = tokens.unsqueeze(0).expand(self.mul, *tokens.shape)  # (M, B, n, k): no copy
         drop = torch.rand(rows.shape[:-1], device=x.device) < self.cond_drop_prob
         # Call the head module itself (not a cached closure) so DDP wrappers see a forward.
-        diffusion = self.objective.training_losses(lambda x_t, t: self.head(x_t, t, z, drop=drop), rows)
-        out = {
-            "diffusion": diffusion["loss"],
-            "mse": diffusion["mse"].detach(),
-            "vb": diffusion["vb"].detach(),
-        }
-        loss = diffusion["loss"]
+        losses = self.objective.training_losses(lambda x_t, t: self.head(x_t, t, z, drop=drop), rows)
+        # "diffusion" is the generative loss whatever the objective (a stable name for logs and benchmarks);
+        # every other term the objective reports is logged, detached, under its own name.
+        out = {name: value.detach() for name, value in losses.items() if name != "loss"}
+        out["diffusion"] = losses["loss"]
+        loss = losses["loss"]
         if self.use_labels and self.ce_weight > 0:
             out["ce"] = labelled_cross_entropy(self.student.classifier(h.detach()), target)
             loss = loss + self.ce_weight * out["ce"]
@@ -204,11 +221,17 @@ class GenDD(Method):
         return {"generative": self.teacher_head(features), "student": student_logits}
 
     def eval_settings(self) -> dict[str, Any]:
-        """Recorded next to every evaluation result."""
-        sampler = {k: v for k, v in vars(self.sampler).items() if not k.startswith("_")}
+        """Recorded next to every evaluation result. `sampler` stays the class name and the sampler's
+        settings stay flat (older summaries); `nfe` = head calls per predict batch (protocol.py)."""
+        sampler = _settings(self.sampler)
         return {
             "sampler": type(self.sampler).__name__,
             **sampler,
+            "sampler_name": _registered_name(SAMPLERS, self.sampler),
+            "sampler_settings": sampler,
+            "objective": _registered_name(OBJECTIVES, self.objective),
+            "objective_settings": _settings(self.objective),
+            "nfe": int(self.sampler.nfe(self.objective)),
             "guidance_scale": self.guidance_scale,
             "num_sampling": self.num_sampling,
             "eval_seed": self.eval_seed,
@@ -235,6 +258,35 @@ class GenDD(Method):
             {"params": rest, "weight_decay": weight_decay, "group": "decay"},
             {"params": head, "weight_decay": 0.0, "group": "no_decay"},
         ]
+
+
+def _overrides_for(name: str, overrides: dict[str, dict] | None) -> dict[str, Any]:
+    """The `objective_overrides` entry of objective `name` (aliases resolved); unknown keys fail."""
+    if not overrides:
+        return {}
+    unknown = [key for key in overrides if key not in OBJECTIVES]
+    if unknown:
+        raise ConfigError(f"objective_overrides names unknown objectives {unknown}: {OBJECTIVES.names()}")
+    target = OBJECTIVES.get(name)
+    merged: dict[str, Any] = {}
+    for key, values in overrides.items():
+        if OBJECTIVES.get(key) is target:
+            merged.update(dict(values or {}))
+    return merged
+
+
+def _registered_name(registry: Registry, component: Any) -> str:
+    """The registered name of a built component (its class name if it was registered elsewhere)."""
+    for name in registry.names():
+        if registry.get(name) is type(component):
+            return name
+    return type(component).__name__
+
+
+def _settings(component: Any) -> dict[str, Any]:
+    """A component's public plain-value attributes (its config, as recorded with results)."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v for k, v in vars(component).items() if not k.startswith("_") and isinstance(v, plain)}
 
 
 @METHODS.register("teacher_head_ce")
