@@ -214,3 +214,27 @@ def test_digits_gendd_still_uses_the_linear_diffusion_schedule(compose):
         {"name": name, **kwargs}, student=student, teacher=teacher, num_classes=NUM_CLASSES
     )
     assert method.objective.schedule == "linear" and method.objective.learn_sigma
+
+
+_MODELS: dict = {}
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "one_step"])
+@pytest.mark.parametrize("experiment", GENDD_RECIPES)
+def test_flow_objective_and_every_flow_sampler_build_on_every_gendd_recipe(compose, experiment, sampler):
+    from gendd_framework.stages import teacher_architecture
+
+    overrides = [f"experiment={experiment}", "method/objective=flow", f"method/sampler={sampler}"]
+    cfg = config_lib.apply_recipe(compose(overrides), overrides)
+    classes = {"digits": 10, "cifar100": 100, "imagefolder": 1000}[cfg.data.name]
+    if experiment not in _MODELS:  # models are shared by the three samplers of a recipe
+        torch.manual_seed(0)
+        _MODELS.clear()
+        _MODELS[experiment] = (
+            teacher_architecture(cfg.teacher, classes),
+            build_model(cfg.student, num_classes=classes),
+        )
+    teacher, student = _MODELS[experiment]
+    name, kwargs = split_spec(cfg.method, "method")
+    method = METHODS.build({"name": name, **kwargs}, student=student, teacher=teacher, num_classes=classes)
+    assert method.objective.kind == "flow" and method.eval_settings()["sampler_name"] == sampler
