@@ -164,6 +164,7 @@ def test_stages_and_components_never_import_the_pipeline_or_plugins():
         ("data.loader.num_workers=2", False),
         ("data.label_fraction=0.1", False),  # the teacher trains on every label anyway
         ("trainer.epochs=9", False),  # the student's epochs
+        ("trainer.eval_every=5", False),  # the teacher validates every epoch whatever the student does
         ("method=dkd", False),
     ],
 )
@@ -223,3 +224,15 @@ def test_command_line_method_values_win_over_per_recipe_values(compose):
     cfg = config_lib.apply_recipe(compose(imagenet), imagenet)
     assert cfg.method.sampler.steps == 4  # the recipe's 64 DDPM steps do not leak into a chosen sampler
     assert "per_recipe" not in cfg.method
+
+
+def test_the_teacher_does_not_depend_on_the_students_eval_every(compose, monkeypatch, tmp_path):
+    import torch
+
+    weights = []
+    for i, every in enumerate((1, 5)):
+        monkeypatch.setenv("GENDD_CACHE_DIR", str(tmp_path / f"cache{i}"))
+        overrides = ["method=ce", *TINY, "teacher.train.epochs=6", f"trainer.eval_every={every}"]
+        summary = run(compose(overrides), tmp_path / f"run{i}")
+        weights.append(torch.load(summary["teacher"]["source"].split(":", 1)[1], weights_only=True))
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -136,9 +136,9 @@ def override_hint(argv: list[str]) -> str | None:
             cfg = OmegaConf.to_container(compose(config_name="train", overrides=base))
     except Exception:  # noqa: BLE001  (the hint is best effort; Hydra already printed its error)
         return None
-    from gendd_framework.pipeline import flatten
+    from gendd_framework.engine.loggers import flatten
 
-    known = list(flatten(cfg))
+    known = list(flatten(cfg, sep="."))
     for override in overrides:
         key = override.split("=", 1)[0]
         if "." in key and key not in known and not any(k.startswith(key + ".") for k in known):

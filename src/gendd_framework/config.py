@@ -85,6 +85,11 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (interpolations resolved); other values unchanged."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
+
+
 def apply_recipe(cfg: DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
     """Merge the method's `per_recipe[<cfg.recipe>]` values into the method node and drop the table.
 

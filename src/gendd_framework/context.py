@@ -61,10 +61,13 @@ def as_batch(item: Any, index: int | None = None) -> dict[str, Any]:
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move every tensor of a batch to `device` (other values unchanged)."""
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
+    """Move every tensor of a batch to `device` (other values unchanged). `all_labelled` is read from
+    the targets on the host first, so label-aware terms never sync with the device to branch on it."""
+    out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    target = batch.get("target")
+    if "all_labelled" not in out and isinstance(target, torch.Tensor) and target.device.type == "cpu":
+        out["all_labelled"] = bool((target != UNLABELLED).all())
+    return out
 
 
 def labelled_mask(target: torch.Tensor) -> torch.Tensor:
@@ -72,12 +75,17 @@ def labelled_mask(target: torch.Tensor) -> torch.Tensor:
     return target != UNLABELLED
 
 
-def distill_targets(target: torch.Tensor, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+def distill_targets(
+    target: torch.Tensor, teacher_logits: torch.Tensor | None, all_labelled: bool | None = None
+) -> torch.Tensor:
     """Class indices for terms that decompose around a class (DKD, WKD-L, PLD, contraction): the label
-    where the student may see it, else the teacher's prediction (the transfer-set convention)."""
-    hidden = ~labelled_mask(target)
-    if not bool(hidden.any()):
+    where the student may see it, else the teacher's prediction (the transfer-set convention).
+    `all_labelled` (the batch's host-side flag) skips the device check."""
+    if all_labelled is None:
+        all_labelled = not bool((target == UNLABELLED).any())  # a host sync on an accelerator
+    if all_labelled:
         return target
+    hidden = ~labelled_mask(target)
     if teacher_logits is None:
         raise ConfigError("unlabelled samples need a teacher to stand in for their labels")
     return torch.where(hidden, teacher_logits.argmax(dim=1), target)

@@ -51,11 +51,9 @@ def merge_method(base: DictConfig, overrides: dict[str, Any]) -> DictConfig:
 
 def stage_kind(cfg: DictConfig, stage: str) -> str:
     """The registered stage behind a stage name (`gen2` -> `born_again`); the name itself if unlisted."""
-    for spec in cfg.get("stages") or []:
-        name, kwargs = split_spec(spec, "stage")
-        if kwargs.get("stage_name", name) == stage:
-            return name
-    return stage
+    from gendd_framework.pipeline import stage_keys
+
+    return next((name for key, name, _ in stage_keys(cfg) if key == stage), stage)
 
 
 class RunEvaluator:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gendd_framework import config as config_lib
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
+from gendd_framework.engine.loggers import flatten
 from gendd_framework.errors import ConfigError, NonFiniteLossError
 from gendd_framework.plugins import load_plugins
 from gendd_framework.registry import split_spec
@@ -34,15 +35,6 @@ RESUME_NEUTRAL = (
 )  # fmt: skip
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out or {prefix[:-1]: {}}
-    return {prefix[:-1]: node}
-
-
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:
     """`trainer.resume=true` continues the run in `run_dir` only with the config it was started with."""
     if not cfg.trainer.get("resume"):
@@ -53,8 +45,8 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
             f"trainer.resume=true but {run_dir} holds no earlier run (no config_resolved.yaml); point "
             "hydra.run.dir at the run to resume, or drop trainer.resume"
         )
-    old = flatten(OmegaConf.to_container(OmegaConf.load(previous)))
-    new = flatten(OmegaConf.to_container(cfg, resolve=True))
+    old = flatten(OmegaConf.to_container(OmegaConf.load(previous)), sep=".")
+    new = flatten(OmegaConf.to_container(cfg, resolve=True), sep=".")
     changed = sorted(
         k
         for k in set(old) | set(new)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
-from gendd_framework.engine.trainer import optimizer_steps_per_epoch
+from gendd_framework.config import plain
 from gendd_framework.errors import ConfigError
 from gendd_framework.models import build_model
 from gendd_framework.registry import (
@@ -30,10 +30,6 @@ from gendd_framework.registry import (
 
 EVAL_METRICS = ("acc", "ce", "ece", "agree", "kl")
 TRAINING_STAGES = ("distill", "born_again")
-
-
-def plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def check_optimisation(optim: Any, sched: Any, params: list, epochs: int, where: str) -> None:
@@ -127,6 +123,5 @@ def preflight(cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -
         check_select(cfg, method)
         if "reflow" in stage_names and getattr(getattr(method, "objective", None), "kind", None) != "flow":
             raise ConfigError("stage 'reflow' retrains a flow head: use method=gendd, method/objective=flow")
-        optimizer_steps_per_epoch(1, int(cfg.trainer.get("accum_steps", 1)))
         student = build_model(cfg.student, num_classes=num_classes)
     torch.manual_seed(int(cfg.seed))  # what preflight drew from the RNG does not leak into the run

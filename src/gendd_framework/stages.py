@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gendd_framework import config as config_lib
+from gendd_framework.config import plain
 from gendd_framework.data.base import BatchDataset
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
 from gendd_framework.engine.checkpoint import load as load_checkpoint
@@ -32,10 +33,7 @@ from gendd_framework.runtime import RunContext, fit_method
 # change speed, not arithmetic)
 TEACHER_NEUTRAL_DATA_KEYS = ("label_fraction",)
 TEACHER_NEUTRAL_LOADER_KEYS = ("eval_batch_size", "num_workers", "pin_memory")
-
-
-def plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+TEACHER_EVAL_EVERY = 1  # teachers select their best epoch on every epoch's validation
 
 
 def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) -> str:
@@ -51,6 +49,7 @@ def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) ->
         "model": node["model"],
         "train": node.get("train"),
         "loop": {k: ctx.cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
+        "eval_every": TEACHER_EVAL_EVERY,
     }
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return f"{node['model']['name']}-{digest}"
@@ -78,8 +77,10 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
     seed_everything(int(train["seed"]))
     method = METHODS.build({"name": "ce"}, student=model)
     # the run's `select` names the distill method's outputs, not the CE teacher's
+    # the teacher's recipe alone decides it: best-on-val checked every epoch, whatever the student's
+    # trainer.eval_every (a GenDD preset validating every 5 epochs must not pick another teacher)
     trainer = config_lib.trainer_config(
-        ctx.cfg.trainer, epochs=int(train["epochs"]), resume=False, select=None
+        ctx.cfg.trainer, epochs=int(train["epochs"]), resume=False, select=None, eval_every=TEACHER_EVAL_EVERY
     )
     fit = fit_method(
         ctx,

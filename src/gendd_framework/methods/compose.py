@@ -78,7 +78,7 @@ class WeightedLossMethod(Method):
             out[key] = value
             if schedule is not None:
                 weight = weight * schedule(ctx)
-                out[f"weight/{key}"] = torch.tensor(weight, device=value.device)
+                out[f"weight/{key}"] = value.new_full((), weight)  # a fill, not a host-to-device copy
             total = weight * value if total is None else total + weight * value
         out["loss"] = total
         return out

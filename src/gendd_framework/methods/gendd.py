@@ -139,7 +139,8 @@ class GenDD(Method):
             teacher_out = self.teacher_outputs(x)
             f = teacher_out["feature"].float()
             # unlabelled samples (transfer set) contract toward the teacher's predicted class
-            y = distill_targets(target, teacher_out["logits"]) if self.use_labels else None
+            labels_seen = batch.get("all_labelled")
+            y = distill_targets(target, teacher_out["logits"], labels_seen) if self.use_labels else None
             x0 = contract(f, y, self.class_weight, self.lam)
             if not self._scale_checked:
                 self._measure_target_scale(x0)
@@ -157,7 +158,8 @@ class GenDD(Method):
         out["diffusion"] = losses["loss"]
         loss = losses["loss"]
         if self.use_labels and self.ce_weight > 0:
-            out["ce"] = labelled_cross_entropy(self.student.classifier(h.detach()), target)
+            logits = self.student.classifier(h.detach())
+            out["ce"] = labelled_cross_entropy(logits, target, all_labelled=batch.get("all_labelled"))
             loss = loss + self.ce_weight * out["ce"]
         out["loss"] = loss
         return out
@@ -228,7 +230,6 @@ class GenDD(Method):
             "sampler": type(self.sampler).__name__,
             **sampler,
             "sampler_name": _registered_name(SAMPLERS, self.sampler),
-            "sampler_settings": sampler,
             "objective": _registered_name(OBJECTIVES, self.objective),
             "objective_settings": _settings(self.objective),
             "nfe": int(self.sampler.nfe(self.objective)),
@@ -304,7 +305,7 @@ class TeacherHeadCE(Method):
 
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         logits = self.teacher.classifier(self.proj(self.student(batch["input"])["feature"]))
-        ce = labelled_cross_entropy(logits, batch["target"])
+        ce = labelled_cross_entropy(logits, batch["target"], all_labelled=batch.get("all_labelled"))
         return {"ce": ce, "loss": ce}
 
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

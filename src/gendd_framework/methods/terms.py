@@ -46,7 +46,8 @@ class LossTerm(nn.Module):
     @staticmethod
     def targets(batch: Mapping[str, Any], teacher: dict | None) -> torch.Tensor:
         """The label, or the teacher's prediction for samples whose label the student may not see."""
-        return distill_targets(batch["target"], teacher["logits"] if teacher is not None else None)
+        teacher_logits = teacher["logits"] if teacher is not None else None
+        return distill_targets(batch["target"], teacher_logits, batch.get("all_labelled"))
 
 
 def require_shapes(shapes: Shapes | None, term: str) -> Shapes:
@@ -58,11 +59,14 @@ def require_shapes(shapes: Shapes | None, term: str) -> Shapes:
 
 
 def labelled_cross_entropy(
-    logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0, all_labelled: bool | None = None
 ) -> torch.Tensor:
     """CE averaged over the samples whose label the student may see (target != -1); a batch without any
-    gives an exact zero that still has a gradient path."""
-    if not bool((target == UNLABELLED).any()):
+    gives an exact zero that still has a gradient path. Pass the batch's `all_labelled` flag (set on the
+    host by the loop) to avoid reading the targets back from an accelerator."""
+    if all_labelled is None:
+        all_labelled = not bool((target == UNLABELLED).any())
+    if all_labelled:
         return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
     total = F.cross_entropy(
         logits, target, ignore_index=UNLABELLED, label_smoothing=label_smoothing, reduction="sum"
@@ -84,7 +88,9 @@ class CrossEntropy(LossTerm):
         self.label_smoothing = label_smoothing
 
     def forward(self, student, teacher, batch, ctx) -> torch.Tensor:
-        return labelled_cross_entropy(student["logits"], batch["target"], self.label_smoothing)
+        return labelled_cross_entropy(
+            student["logits"], batch["target"], self.label_smoothing, batch.get("all_labelled")
+        )
 
 
 @LOSSES.register("feature_mse")
