@@ -99,6 +99,7 @@ class RunEvaluator:
             teacher=teacher,
             num_classes=self.data.num_classes,
             input_shape=self.data.input_shape,
+            num_samples=len(self.data.train),
         )
         method.load_state_dict(self.state)
         self.teacher = method.teacher.model if getattr(method, "teacher", None) is not None else None

@@ -93,7 +93,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, 
     check_resume(cfg, run_dir)
     device = resolve_device(cfg.trainer.get("device", "auto"))
     data, loader_cfg = build_data(cfg.data)
-    preflight(cfg, data.num_classes, data.input_shape)
+    preflight(cfg, data.num_classes, data.input_shape, len(data.train))
     run_dir.mkdir(parents=True, exist_ok=True)
     # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
     (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))

@@ -85,7 +85,9 @@ def check_select(cfg: DictConfig, method: nn.Module) -> None:
         )
 
 
-def preflight(cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -> None:
+def preflight(
+    cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...], num_samples: int | None = None
+) -> None:
     """Raise `ConfigError` for anything the run would fail on later; cheap (no training, no data pass)."""
     stage_names = []
     for spec in cfg.stages:
@@ -116,6 +118,7 @@ def preflight(cfg: DictConfig, num_classes: int, input_shape: tuple[int, ...]) -
             teacher=stage_teacher,
             num_classes=num_classes,
             input_shape=input_shape,
+            num_samples=num_samples,
         )
         weight_decay = float(plain(cfg.optim).get("weight_decay", 0.0))
         params = method.param_groups(weight_decay)

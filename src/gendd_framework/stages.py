@@ -185,6 +185,7 @@ def train_student(
         teacher=teacher,
         num_classes=ctx.data.num_classes,
         input_shape=ctx.data.input_shape,
+        num_samples=len(ctx.data.train),
     )
     method.to(ctx.device)
     if getattr(method, "teacher", None) is not None:

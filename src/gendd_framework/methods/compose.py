@@ -29,6 +29,7 @@ class WeightedLossMethod(Method):
         teacher: nn.Module | None,
         terms: Sequence[Mapping[str, Any]],
         input_shape: tuple[int, ...] | None = None,
+        num_samples: int | None = None,
     ):
         if not terms:
             raise ConfigError("a distillation method needs at least one loss term")
@@ -45,6 +46,9 @@ class WeightedLossMethod(Method):
         needs_teacher = any(t.needs_teacher for t in built)
         if needs_teacher and teacher is None:
             raise ConfigError(f"loss terms {keys} need a teacher, but none was given")
+        facts = {"input_shape": input_shape, "num_samples": num_samples}
+        for term in built:
+            term.bind(student, teacher if needs_teacher else None, facts)
         student_taps = ["logits", *(tap for t in built for tap in t.student_taps)]
         teacher_taps = ["logits", *(tap for t in built for tap in t.teacher_taps)]
         super().__init__(
@@ -97,7 +101,8 @@ def distill(
     losses: list,
     teacher: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
+    num_samples: int | None = None,
 ):
     """Any weighted sum of loss terms: `losses: [{name: ce, weight: 0.1}, {name: kd_kl, weight: 0.9}]`;
     a term may carry `schedule: {name: linear_warmup, epochs: 20}` and `key:` (for repeated terms)."""
-    return WeightedLossMethod(student, teacher, losses, input_shape=input_shape)
+    return WeightedLossMethod(student, teacher, losses, input_shape=input_shape, num_samples=num_samples)

@@ -1,6 +1,7 @@
 """Loss terms: registered wrappers that pick tensors from the taps and call the pure maths in `losses/`.
 
-A term declares what it reads per side (`student_taps`, `teacher_taps`), may size trainable parts from
+A term declares what it reads per side (`student_taps`, `teacher_taps`, or resolved per model in
+`bind(student, teacher, facts)`), may size trainable parts from
 the build-time probe (`setup(shapes)`) and may compute teacher statistics once (`prepare(stats)`). It is
 called as `term(student_out, teacher_out, batch, ctx)` and returns a tensor, or a mapping whose `loss`
 is the term's value and whose other entries are logged as parts.
@@ -31,6 +32,11 @@ class LossTerm(nn.Module):
 
     def __init__(self) -> None:  # an explicit signature: unknown YAML keys fail with the accepted ones
         super().__init__()
+
+    def bind(self, student: nn.Module, teacher: nn.Module | None, facts: Mapping[str, Any]) -> None:
+        """Resolve model-dependent taps (e.g. default feature layers) before the taps are installed:
+        set `self.student_taps` / `self.teacher_taps` here. `facts` holds `input_shape` and
+        `num_samples` (training-set size, for per-sample memories) when known, else None."""
 
     def setup(self, shapes: Shapes | None) -> None:
         """Size trainable parts / validate shapes from the probe (`None` when no input shape is known)."""

@@ -1,0 +1,67 @@
+"""Which intermediate maps a feature term reads: `auto`, stage indices, or module paths.
+
+A feature term takes `student_layers` / `teacher_layers`:
+- `auto` (default): the family's default stages (see `models/feature_stages.py`), the term picks which;
+- an int or list of ints: indices into the default stages (negative counts from the deepest);
+- a string or list of strings: module paths, optionally `path:input` (read the module's input).
+The pooled penultimate vector is the tap `feature`; logits are `logits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from gendd_framework.errors import ConfigError
+from gendd_framework.models.feature_stages import feature_stages
+from gendd_framework.models.tap import parse_tap
+
+LayerSpec = str | int | Sequence[str | int] | None
+
+
+def resolve_layers(
+    model: nn.Module,
+    spec: LayerSpec,
+    input_shape: Sequence[int] | None,
+    key: str,
+    auto: slice | Sequence[int] = slice(None),
+) -> list[str]:
+    """Tap keys for `spec` on `model`; `auto` selects from the default stages when spec is `auto`/None.
+
+    `key` is the config key (e.g. `student_layers`) named in errors.
+    """
+    if spec is None or spec == "auto":
+        stages = feature_stages(model, input_shape, keys=f"`{key}`")
+        if isinstance(auto, slice):
+            return stages[auto]
+        return [stages[i] for i in auto]
+    items: list[Any] = [spec] if isinstance(spec, (str, int)) else list(spec)
+    out: list[str] = []
+    stages: list[str] | None = None
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise ConfigError(f"`{key}` entries are stage indices or module paths, got {item!r}")
+        if isinstance(item, int):
+            if stages is None:
+                stages = feature_stages(model, input_shape, keys=f"`{key}`")
+            if not -len(stages) <= item < len(stages):
+                raise ConfigError(
+                    f"`{key}` index {item} is out of range: {type(model).__name__} has {len(stages)} "
+                    f"default stages {stages}"
+                )
+            out.append(stages[item])
+        else:
+            out.append(parse_tap(item)[0])
+    if not out:
+        raise ConfigError(f"`{key}` selects no layer")
+    return out
+
+
+def pair_layers(student: list[str], teacher: list[str], what: str) -> tuple[list[str], list[str]]:
+    """Pair stage lists of different lengths by depth: the deepest `min(len)` of each side."""
+    k = min(len(student), len(teacher))
+    if k == 0:
+        raise ConfigError(f"{what} needs at least one student and one teacher layer")
+    return student[len(student) - k :], teacher[len(teacher) - k :]

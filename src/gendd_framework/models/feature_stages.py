@@ -1,0 +1,137 @@
+"""Default feature-map taps per model family: the last module at each spatial resolution of the trunk.
+
+Feature-distillation methods read intermediate maps ("stages"). Rather than editing every model, each
+family names its trunk (the modules the input flows through in order); one dry forward finds, for each
+spatial resolution, the last trunk module producing it. That is the usual "end of stage" map (the
+CRD/RepDistiller `is_feat` lists without the stem). timm models use their own `feature_info`. A family
+that is not known fails with a message naming the config keys that set the layers by module path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from gendd_framework.errors import ConfigError
+
+MAX_STAGES = 4  # deeper trunks (VGG's five blocks, torchvision MobileNetV2) keep their last four stages
+POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout)
+
+
+def _trunk_by_class(model: nn.Module) -> tuple[str, ...] | None:
+    """Module paths the input flows through (a Sequential expands to its children), by model family."""
+    from gendd_framework.models.cifar_mobilenetv2 import MobileNetV2Cifar
+    from gendd_framework.models.cifar_resnet import CifarResNet
+    from gendd_framework.models.cifar_shufflenet import ShuffleNetV1, ShuffleNetV2
+    from gendd_framework.models.cifar_vgg import CifarVGG
+    from gendd_framework.models.cifar_wrn import WideResNet
+    from gendd_framework.models.small import SmallCNN
+
+    own = getattr(model, "feature_trunk", None)  # a plugin model may name its own trunk
+    if own is not None:
+        return tuple(own)
+    table: list[tuple[type, tuple[str, ...]]] = [
+        (CifarResNet, ("layers",)),
+        (WideResNet, ("blocks", "relu")),
+        (CifarVGG, ("features",)),
+        (MobileNetV2Cifar, ("features",)),
+        (ShuffleNetV1, ("units",)),
+        (ShuffleNetV2, ("units", "head")),
+        (SmallCNN, ("features",)),
+    ]
+    try:
+        import torchvision.models as tvm
+
+        table += [
+            (tvm.ResNet, ("layer1", "layer2", "layer3", "layer4")),
+            (tvm.MobileNetV2, ("features",)),
+            (tvm.MobileNetV3, ("features",)),
+        ]
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    for cls, trunk in table:
+        if isinstance(model, cls):
+            return trunk
+    return None
+
+
+def _candidates(model: nn.Module, trunk: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    modules = dict(model.named_modules())
+    out = []
+    for path in trunk:
+        module = modules[path]
+        if isinstance(module, nn.Sequential):
+            out += [(f"{path}.{name}", child) for name, child in module.named_children()]
+        else:
+            out.append((path, module))
+    return [(p, m) for p, m in out if not isinstance(m, POOLING)]
+
+
+@torch.no_grad()
+def _stage_ends(model: nn.Module, trunk: Sequence[str], input_shape: Sequence[int]) -> list[str]:
+    candidates = _candidates(model, trunk)
+    sizes: dict[str, tuple[int, ...]] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, p=path: sizes.__setitem__(p, tuple(out.shape)))
+        for path, module in candidates
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    ends: list[str] = []
+    last_size = None
+    for path, _ in candidates:
+        shape = sizes.get(path)
+        if shape is None or len(shape) != 4:
+            continue
+        if shape[2:] == last_size:
+            ends[-1] = path
+        else:
+            ends.append(path)
+            last_size = shape[2:]
+    return ends[-MAX_STAGES:]
+
+
+def _timm_stages(model: nn.Module) -> list[str] | None:
+    info = getattr(model, "feature_info", None)
+    if not info:
+        return None
+    entries = [dict(e) for e in info]
+    if len(entries) > 1 and entries[0].get("reduction", 0) < entries[1].get("reduction", 0) <= 4:
+        entries = entries[1:]  # the stem
+    return [str(e["module"]) for e in entries if e.get("module")][-MAX_STAGES:]
+
+
+def feature_stages(model: nn.Module, input_shape: Sequence[int] | None, keys: str = "the layer keys") -> list[str]:
+    """Module paths of the model's stage outputs, shallow to deep (at most `MAX_STAGES`).
+
+    `keys` names the config keys a user sets instead (used in the error for unknown families).
+    """
+    trunk = _trunk_by_class(model)
+    if trunk is None:
+        stages = _timm_stages(model)
+        if stages:
+            return stages
+        children = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(
+            f"no default feature layers for {type(model).__name__}: set {keys} to module paths "
+            f"(top-level children: {children})"
+        )
+    if input_shape is None:
+        raise ConfigError(
+            f"default feature layers of {type(model).__name__} are found by a dry forward: build the "
+            f"method with input_shape, or set {keys} to module paths"
+        )
+    stages = _stage_ends(model, trunk, input_shape)
+    if not stages:
+        raise ConfigError(f"{type(model).__name__} produced no 4-D feature maps; set {keys} to module paths")
+    return stages
