@@ -1,4 +1,4 @@
-"""The discriminating digits benchmark: every logit method and GenDD on the transfer-set preset.
+"""The discriminating digits benchmark: every method (logit, feature, GenDD) on the transfer-set presets.
 
 `experiment=digits/transfer` shows the student the labels of 5% of the training images while the
 distillation terms see every image; the teacher is the cached digits CNN trained on all labels. Each
@@ -9,7 +9,7 @@ Every method runs with its config as shipped: published defaults, plus the `per_
 that scale epoch-based settings of 240-epoch CIFAR recipes to the 60 digits epochs (DKD warm-up 20 -> 5,
 WKD-L decay from epoch 150 -> 37.5).
 
-    python benchmarks/digits_transfer.py             # 11 methods x 3 seeds, ~10 min on 2 CPU cores
+    python benchmarks/digits_transfer.py             # 31 configurations x 3 seeds, ~30 min on 2 CPU cores
     python benchmarks/digits_transfer.py --quick     # 1 seed, 2 epochs: a smoke test
 """
 
@@ -58,6 +58,32 @@ METHODS: list[tuple[str, str, list[str], str]] = [
      [*TRANSFER, "method=kd", "stages=[teacher,distill,born_again]"], "born_again"),
     ("gendd", "GenDD", ["experiment=digits/gendd", "data.label_fraction=0.05"], "distill"),
 ]  # fmt: skip
+CNN = ["experiment=digits/transfer_cnn"]
+# the CNN-student preset (three stages of spatial maps): CE/KD references, then every feature method
+FEATURE_METHODS: list[tuple[str, str, list[str], str]] = [
+    ("cnn_ce", "CE (student alone)", [*CNN, "method=ce"], "distill"),
+    ("cnn_kd", "KD (Hinton)", [*CNN, "method=kd"], "distill"),
+    ("cnn_fitnet", "FitNet (hint + CE, one stage)", [*CNN, "method=fitnet"], "distill"),
+    ("cnn_fitnet_stagewise", "FitNet, stage-wise (hint stage, then KD)",
+     ["experiment=digits/fitnet_stagewise"], "distill"),
+    ("cnn_at", "AT", [*CNN, "method=at"], "distill"),
+    ("cnn_sp", "SP", [*CNN, "method=sp"], "distill"),
+    ("cnn_pkt", "PKT", [*CNN, "method=pkt"], "distill"),
+    ("cnn_rkd", "RKD", [*CNN, "method=rkd"], "distill"),
+    ("cnn_vid", "VID", [*CNN, "method=vid"], "distill"),
+    ("cnn_crd", "CRD", [*CNN, "method=crd"], "distill"),
+    ("cnn_reviewkd", "ReviewKD", [*CNN, "method=reviewkd"], "distill"),
+    ("cnn_wkd_f", "WKD-F", [*CNN, "method=wkd_f"], "distill"),
+    ("cnn_nd", "ND (+ KD)", [*CNN, "method=nd"], "distill"),
+    ("cnn_pe", "Projector ensemble", [*CNN, "method=projector_ensemble"], "distill"),
+    ("cnn_ofa", "OFA (CNN student)", [*CNN, "method=ofa"], "distill"),
+    ("cnn_nd_dkd", "ND + DKD", [*CNN, "method=nd_dkd"], "distill"),
+    ("cnn_reviewkd_dkd", "ReviewKD + DKD", [*CNN, "method=reviewkd_dkd"], "distill"),
+    ("vit_ce", "ViT student: CE", [*CNN, "student=digits_vit", "method=ce"], "distill"),
+    ("vit_kd", "ViT student: KD", [*CNN, "student=digits_vit", "method=kd"], "distill"),
+    ("vit_ofa", "ViT student: OFA", [*CNN, "student=digits_vit", "method=ofa"], "distill"),
+]  # fmt: skip
+ALL_METHODS = METHODS + FEATURE_METHODS
 OUTPUTS = ("student", "generative")
 METRICS = ("acc", "agree", "kl", "ece")
 
@@ -81,7 +107,7 @@ def run_one(key: str, overrides: list[str], seed: int, run_dir: Path, extra: lis
 def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], float]:
     """Per-method lists of per-seed metrics for each output, plus the teacher's test accuracy."""
     records, teacher_acc = [], float("nan")
-    for key, label, overrides, stage in METHODS:
+    for key, label, overrides, stage in ALL_METHODS:
         rec: dict[str, Any] = {
             "key": key,
             "label": label,
@@ -108,17 +134,21 @@ def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], 
     return records, teacher_acc
 
 
-def criterion(records: list[dict[str, Any]]) -> dict[str, Any]:
+def criterion(records: list[dict[str, Any]], kd: str = "kd", ce: str = "ce") -> dict[str, Any]:
     """KD beats CE by more than twice the larger of their standard deviations."""
     by_key = {r["key"]: r for r in records}
-    (kd_m, kd_s), (ce_m, ce_s) = mean_std(by_key["kd"]["acc/student"]), mean_std(by_key["ce"]["acc/student"])
+    if not by_key.get(kd, {}).get("acc/student") or not by_key.get(ce, {}).get("acc/student"):
+        return {"kd_minus_ce": float("nan"), "two_max_std": float("nan"), "passes": False}
+    (kd_m, kd_s), (ce_m, ce_s) = mean_std(by_key[kd]["acc/student"]), mean_std(by_key[ce]["acc/student"])
     margin, needed = kd_m - ce_m, 2 * max(kd_s, ce_s)
     return {"kd_minus_ce": round(margin, 2), "two_max_std": round(needed, 2), "passes": margin > needed}
 
 
-def render(records: list[dict[str, Any]], teacher_acc: float, check: dict[str, Any]) -> str:
+def table(records: list[dict[str, Any]], generative: bool) -> str:
     header = ["method", "runs", "acc (%)", "agreement (%)", "KL(t‖s)", "ECE (%)", "generative acc (%)",
               "generative agreement (%)", "s/run"]  # fmt: skip
+    if not generative:
+        header = header[:6] + header[8:]
     rows = []
     for rec in records:
         secs = rec.get("elapsed_s", [])
@@ -128,6 +158,17 @@ def render(records: list[dict[str, Any]], teacher_acc: float, check: dict[str, A
             fmt_ms(rec.get("acc/generative")), fmt_ms(rec.get("agree/generative")),
             f"{sum(secs) / len(secs):.0f}" if secs else "–",
         ])  # fmt: skip
+        if not generative:
+            rows[-1] = rows[-1][:6] + rows[-1][8:]
+    return md_table(header, rows)
+
+
+def render(
+    records: list[dict[str, Any]], teacher_acc: float, check: dict[str, Any], cnn_check: dict[str, Any]
+) -> str:
+    logit_keys = {m[0] for m in METHODS}
+    logit = [r for r in records if r["key"] in logit_keys]
+    feature = [r for r in records if r["key"] not in logit_keys and r["seeds"]]
     verdict = "passes" if check["passes"] else "FAILS"
     notes = [
         "Digits transfer set: the student sees the labels of 5% of the training images (stratified), the",
@@ -145,12 +186,23 @@ def render(records: list[dict[str, Any]], teacher_acc: float, check: dict[str, A
         f"{check['two_max_std']:.2f}: {verdict}.",
         "- s/run = mean `elapsed_s` per run (two runs at a time on a shared 2-core machine).",
     ]
-    return (
-        "## Digits transfer set: every logit method and GenDD\n\n"
-        + md_table(header, rows)
-        + "\n\n"
-        + "\n".join(notes)
-    )
+    cnn_verdict = "passes" if cnn_check["passes"] else "FAILS"
+    feature_notes = [
+        "Same protocol and teacher; the student is `small_cnn` [16, 32, 64]",
+        "(`experiment=digits/transfer_cnn`), whose three stages (8x8, 4x4, 2x2 maps) give the feature",
+        "methods intermediate maps to match. Each method runs with its shipped config (published CIFAR-100",
+        "defaults plus its `per_recipe.digits` entry). The ViT rows swap in a tiny timm ViT student",
+        "(`student=digits_vit`): the heterogeneous case OFA targets.",
+        "",
+        f"- Criterion for this student (KD − CE > 2 × max std): KD − CE = {cnn_check['kd_minus_ce']:.2f} vs "
+        f"{cnn_check['two_max_std']:.2f}: {cnn_verdict}.",
+    ]
+    out = "## Digits transfer set: every logit method and GenDD (MLP student)\n\n" + table(logit, True)
+    out += "\n\n" + "\n".join(notes)
+    if feature:
+        out += "\n\n## Digits transfer set: feature methods (CNN student)\n\n" + table(feature, False)
+        out += "\n\n" + "\n".join(feature_notes)
+    return out
 
 
 def plot(records: list[dict[str, Any]], teacher_acc: float, path: Path) -> None:
@@ -159,25 +211,34 @@ def plot(records: list[dict[str, Any]], teacher_acc: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_agree) = plt.subplots(1, 2, figsize=(13, 4.8))
-    labels = [textwrap.shorten(r["label"], 28, placeholder="…") for r in records]
-    for ax, metric, title in (
-        (ax_acc, "acc", "test accuracy (%)"),
-        (ax_agree, "agree", "agreement with teacher (%)"),
-    ):
-        for offset, out, colour in ((-0.2, "student", "tab:blue"), (0.2, "generative", "tab:orange")):
-            xs, ms, ss = [], [], []
-            for i, rec in enumerate(records):
-                if rec.get(f"{metric}/{out}"):
-                    m, s = mean_std(rec[f"{metric}/{out}"])
-                    xs.append(i + offset), ms.append(m), ss.append(s)
-            ax.bar(xs, ms, 0.4, yerr=ss, capsize=3, color=colour, label=f"{out} logits")
-        if metric == "acc":
-            ax.axhline(teacher_acc, color="k", ls="--", lw=1, label=f"teacher ({teacher_acc:.2f})")
-        ax.set_ylim(75, 100.5)
-        ax.set_xticks(range(len(records)), labels, fontsize=7, rotation=35, ha="right")
-        ax.set_title(title)
-        ax.legend(fontsize=7, loc="lower right")
+    logit_keys = {m[0] for m in METHODS}
+    groups = [
+        ("MLP student: logit methods and GenDD", [r for r in records if r["key"] in logit_keys]),
+        (
+            "CNN / ViT student: feature methods",
+            [r for r in records if r["key"] not in logit_keys and r["seeds"]],
+        ),
+    ]
+    groups = [(title, [r for r in g if r["seeds"]]) for title, g in groups]
+    groups = [g for g in groups if g[1]]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 4.8 * len(groups)), squeeze=False)
+    for (group_title, group), row in zip(groups, axes):
+        labels = [textwrap.shorten(r["label"], 28, placeholder="…") for r in group]
+        for ax, metric, title in ((row[0], "acc", "test accuracy (%)"), (row[1], "agree", "agreement (%)")):
+            for offset, out, colour in ((-0.2, "student", "tab:blue"), (0.2, "generative", "tab:orange")):
+                xs, ms, ss = [], [], []
+                for i, rec in enumerate(group):
+                    if rec.get(f"{metric}/{out}"):
+                        m, s = mean_std(rec[f"{metric}/{out}"])
+                        xs.append(i + offset), ms.append(m), ss.append(s)
+                if xs:
+                    ax.bar(xs, ms, 0.4, yerr=ss, capsize=3, color=colour, label=f"{out} logits")
+            if metric == "acc":
+                ax.axhline(teacher_acc, color="k", ls="--", lw=1, label=f"teacher ({teacher_acc:.2f})")
+            ax.set_ylim(60, 100.5)
+            ax.set_xticks(range(len(group)), labels, fontsize=7, rotation=35, ha="right")
+            ax.set_title(f"{group_title}: {title}", fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("Digits transfer set (5% labels): mean ± std over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -200,7 +261,7 @@ def main() -> None:
         Path(args.runs_dir) if args.runs_dir else SCRATCH / ("digits_transfer" + ("_quick" * args.quick))
     )
     extra = ["trainer.epochs=2"] if args.quick else []
-    chosen = [m for m in METHODS if args.methods is None or m[0] in args.methods]
+    chosen = [m for m in ALL_METHODS if args.methods is None or m[0] in args.methods]
     # every method's first seed before any second seed: partial results stay comparable
     jobs = [(key, overrides, seed) for seed in seeds for key, _, overrides, _ in chosen]
     start = time.perf_counter()
@@ -209,7 +270,8 @@ def main() -> None:
         list(pool.map(lambda j: run_one(j[0], j[1], j[2], runs_root / j[0] / f"seed{j[2]}", extra), jobs))
     records, teacher_acc = summarise(runs_root, seeds)
     check = criterion(records)
-    markdown = render(records, teacher_acc, check)
+    cnn_check = criterion(records, "cnn_kd", "cnn_ce")
+    markdown = render(records, teacher_acc, check, cnn_check)
     out = results_dir(args.quick, args.results_dir)
     data = {
         "benchmark": "digits_transfer",
@@ -218,6 +280,7 @@ def main() -> None:
         "runs_dir": str(runs_root),
         "teacher_test_acc": teacher_acc,
         "criterion": check,
+        "criterion_cnn_student": cnn_check,
         "methods": records,
         "wall_s_this_invocation": round(time.perf_counter() - start, 1),
         "machine": machine_info(),

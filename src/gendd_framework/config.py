@@ -105,11 +105,14 @@ def apply_recipe(cfg: DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
     cfg = cfg.copy()
     with open_dict(cfg):
         table = cfg.method.pop("per_recipe") or {}
+        # a variant's defining values (gendd_unsup's lam=0) are never replaced by its parent's table
+        fixed = list(cfg.method.pop("recipe_keeps", None) or [])
         recipe = cfg.get("recipe")
         if recipe is None or recipe not in table:
             return cfg
         kept = {path: OmegaConf.select(cfg, path) for path in user_method_keys(overrides)}
-        cfg.method = OmegaConf.merge(cfg.method, table[recipe])
+        entry = OmegaConf.masked_copy(table[recipe], [k for k in table[recipe] if k not in fixed])
+        cfg.method = OmegaConf.merge(cfg.method, entry)
         for path, value in kept.items():
             if value is not None:
                 OmegaConf.update(cfg, path, value, merge=False, force_add=True)

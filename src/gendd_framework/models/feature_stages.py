@@ -111,7 +111,9 @@ def _timm_stages(model: nn.Module) -> list[str] | None:
     return [str(e["module"]) for e in entries if e.get("module")][-MAX_STAGES:]
 
 
-def feature_stages(model: nn.Module, input_shape: Sequence[int] | None, keys: str = "the layer keys") -> list[str]:
+def feature_stages(
+    model: nn.Module, input_shape: Sequence[int] | None, keys: str = "the layer keys"
+) -> list[str]:
     """Module paths of the model's stage outputs, shallow to deep (at most `MAX_STAGES`).
 
     `keys` names the config keys a user sets instead (used in the error for unknown families).

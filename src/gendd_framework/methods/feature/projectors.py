@@ -26,7 +26,9 @@ class ConvRegressor(nn.Module):
     def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], relu: bool = True) -> None:
         super().__init__()
         if len(s_shape) != 3 or len(t_shape) != 3:
-            raise ConfigError(f"a conv regressor needs (C, H, W) maps, got student {s_shape}, teacher {t_shape}")
+            raise ConfigError(
+                f"a conv regressor needs (C, H, W) maps, got student {s_shape}, teacher {t_shape}"
+            )
         (s_c, s_h, s_w), (t_c, t_h, t_w) = s_shape, t_shape
         if s_h == 2 * t_h and s_w == 2 * t_w:
             self.conv: nn.Module = nn.Conv2d(s_c, t_c, 3, stride=2, padding=1)
