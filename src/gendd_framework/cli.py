@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything can import timm
+# Our launcher presets (conf/hydra/launcher/) share their names with the plugins' own configs, which
+# Hydra 1.3 then uses as a schema (validating our values) with a deprecation notice the user cannot
+# act on. Set at import, so it also holds in the processes a launcher (submitit, joblib) starts.
+warnings.filterwarnings(
+    "ignore",
+    message=r"\s*'hydra/launcher/[^']+' is validated against ConfigStore schema",
+    category=UserWarning,
+)
 
 
 def config_dir() -> Path:
@@ -19,6 +28,24 @@ def config_dir() -> Path:
 
 EXIT_CONFIG, EXIT_NON_FINITE, EXIT_SWEEP_FAILURES = 2, 3, 1
 _sweep_failures: list[str] = []
+
+
+def torchrun_argv(argv: list[str], env: dict[str, str]) -> list[str]:
+    """Command line for this process under torchrun: ranks other than 0 get Hydra overrides so they
+    write nothing (no `.hydra/`, no log file, no run dir of their own: their `${now:}` could differ by
+    a second); rank 0's run dir and config reach them by broadcast (engine/distributed.py)."""
+    if not ("RANK" in env and ("TORCHELASTIC_RUN_ID" in env or "LOCAL_RANK" in env)):
+        return argv  # not started by torchrun
+    if any(a in ("-m", "--multirun") for a in argv):
+        print(
+            "gendd-train: error: -m/--multirun under torchrun would run the whole sweep in every rank; "
+            "launch one torchrun per job, or sweep with hydra/launcher=submitit_slurm (one job = N ranks)",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_CONFIG)
+    if env["RANK"] == "0":
+        return argv
+    return [*argv, "hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 def train_main() -> None:
@@ -40,14 +67,26 @@ def train_main() -> None:
             if code is None:
                 raise
             raise SystemExit(code) from None
-        print(format_summary(summary))
-        return summary.get("objective")
+        if is_main_process():
+            print(format_summary(summary))
+        return summary.get("objective")  # the validation metric: what a sweeper such as Optuna optimises
 
+    sys.argv = [sys.argv[0], *torchrun_argv(sys.argv[1:], dict(os.environ))]
+    from gendd_framework.errors import ConfigError
+    from gendd_framework.launchers import precheck
+
+    try:  # a sweep whose launcher/sweeper cannot run stops here, before its first job
+        precheck(sys.argv[1:], str(config_dir()))
+    except ConfigError as exc:
+        print(f"gendd-train: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
     try:
         _train()
     except SystemExit as exit_:
         if exit_.code not in (0, None, EXIT_CONFIG, EXIT_NON_FINITE):
-            hint = override_hint(sys.argv[1:])
+            from gendd_framework.launchers import plugin_hint
+
+            hint = plugin_hint(sys.argv[1:]) or override_hint(sys.argv[1:])
             if hint:
                 print(hint, file=sys.stderr)
         raise
@@ -61,17 +100,24 @@ def run_job(cfg, run_dir: Path, overrides: list[str]) -> dict:
     return run(cfg, run_dir, overrides)
 
 
+def is_main_process() -> bool:
+    from gendd_framework.engine.distributed import is_main_process as main
+
+    return main()
+
+
 def record_failure(run_dir: Path, exc: Exception) -> int | None:
-    """Write `<run_dir>/failed.json` and print one line; the exit code for errors a user can fix
-    (None: an unexpected error, whose traceback the caller re-raises)."""
+    """Write `<run_dir>/failed.json` (rank 0 only) and print one line; the exit code for errors a user
+    can fix (None: an unexpected error, whose traceback the caller re-raises)."""
     import json
 
     from gendd_framework.errors import ConfigError, NonFiniteLossError
 
     line = f"{type(exc).__name__}: {exc}".splitlines()[0]
     record = {"error": line, "stage": getattr(exc, "stage", None), "step": getattr(exc, "step", None)}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "failed.json").write_text(json.dumps(record, indent=2))
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failed.json").write_text(json.dumps(record, indent=2))
     print(f"gendd-train: error: {exc}".splitlines()[0], file=sys.stderr)
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
@@ -87,8 +133,15 @@ def _sweep_callback_base():
 
 
 class SweepReport(_sweep_callback_base()):
-    """Hydra callback: after a multirun, list finished and failed jobs in `<sweep dir>/sweep_summary.json`
-    and make `gendd-train -m` exit non-zero when any job failed."""
+    """Hydra callback: before a multirun, check its launcher/sweeper (Hydra reports a failed check as a
+    warning: `launchers.precheck` already stopped command lines it could compose); after it, list
+    finished and failed jobs in `<sweep dir>/sweep_summary.json` and make `gendd-train -m` exit
+    non-zero when any job failed."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
+        from gendd_framework.launchers import check_multirun
+
+        check_multirun(config)
 
     def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
         import json
@@ -191,3 +244,7 @@ def list_main(argv: list[str] | None = None) -> None:
             print(f"    {doc}")
     for prefix, doc in reg.prefixes().items():
         print(f"{prefix}:<name>    {doc}")
+
+
+if __name__ == "__main__":  # `torchrun --nproc-per-node N -m gendd_framework.cli ...`
+    train_main()

@@ -16,18 +16,21 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gendd_framework.config_checks import check_values, unresolvable
+from gendd_framework.engine.speed import KEYS_COMPILE, KEYS_SPEED
+from gendd_framework.engine.teacher_cache import KEYS as CACHE_KEYS
 from gendd_framework.engine.trainer import TrainerConfig
 from gendd_framework.errors import ConfigError
 
 REQUIRED_TOP = ("data", "student", "method", "optim", "sched", "trainer", "seed", "stages")
 OPTIONAL_TOP = (
-    "teacher", "logger", "plugins", "paths", "name", "eval", "pretrain", "hydra", "notes", "recipe"
+    "teacher", "logger", "plugins", "paths", "name", "eval", "pretrain", "hint", "hydra", "notes", "recipe"
 )  # fmt: skip
 TRAINER_EXTRA = ("device",)
 TEACHER_KEYS = ("model", "weights", "cache_dir", "train_if_missing", "train", "members", "combine", "run_dir")
 MEMBER_KEYS = ("model", "weights", "train", "cache_dir", "train_if_missing")
 TRAIN_KEYS = ("seed", "epochs", "optim", "sched")
 PRETRAIN_KEYS = ("handover", "epochs", "optim", "sched")
+HINT_KEYS = ("epochs", "optim", "sched", "student_layers", "teacher_layers", "regressor")
 LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory")
 LOGGER_KEYS = ("backends",)
 
@@ -48,6 +51,12 @@ def _closed_sections(cfg: DictConfig) -> Iterator[tuple[Any, tuple[str, ...], st
     """(node, allowed keys, dotted prefix) for every section whose keys the framework fixes."""
     trainer_fields = tuple(f.name for f in dataclasses.fields(TrainerConfig)) + TRAINER_EXTRA
     yield cfg.trainer, trainer_fields, "trainer."
+    if isinstance(cfg.trainer, DictConfig):
+        speed = cfg.trainer.get("speed")
+        yield speed, KEYS_SPEED, "trainer.speed."
+        if isinstance(speed, DictConfig):
+            yield speed.get("compile"), KEYS_COMPILE, "trainer.speed.compile."
+        yield cfg.trainer.get("teacher_cache"), CACHE_KEYS, "trainer.teacher_cache."
     data = cfg.data if isinstance(cfg.data, DictConfig) else None
     if data is not None and data.get("loader") is not None:
         yield data.loader, LOADER_KEYS, "data.loader."
@@ -63,6 +72,8 @@ def _closed_sections(cfg: DictConfig) -> Iterator[tuple[Any, tuple[str, ...], st
                 yield member.train, TRAIN_KEYS, f"teacher.members.{i}.train."
     if cfg.get("pretrain") is not None:
         yield cfg.pretrain, PRETRAIN_KEYS, "pretrain."
+    if cfg.get("hint") is not None:
+        yield cfg.hint, HINT_KEYS, "hint."
     if cfg.get("logger") is not None:
         yield cfg.logger, LOGGER_KEYS, "logger."
 

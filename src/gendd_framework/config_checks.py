@@ -17,6 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from gendd_framework.engine.speed import COMPILE_MODES, TEACHER_MODES
+from gendd_framework.engine.teacher_cache import DTYPES as CACHE_DTYPES
+from gendd_framework.engine.teacher_cache import MODES as CACHE_MODES
 from gendd_framework.errors import ConfigError
 
 ABSENT: Any = object()
@@ -129,6 +132,8 @@ def optimizer_rules(at: str) -> tuple[Rule, ...]:
         Rule(f"{at}.momentum", number(ge=0, le=1)),
         Rule(f"{at}.betas", list_of(number(ge=0, le=1))),
         Rule(f"{at}.beta2_min", number(ge=0, le=1).or_null()),
+        Rule(f"{at}.fused", BOOL.or_null()),
+        Rule(f"{at}.foreach", BOOL.or_null()),
     )
 
 
@@ -171,6 +176,26 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.resume", BOOL),
     Rule("trainer.select", SELECT.or_null()),
     Rule("trainer.device", DEVICE),
+    Rule("trainer.sync_bn", BOOL),
+    Rule("trainer.find_unused_parameters", BOOL),
+    Rule("trainer.speed", MAPPING.or_null()),  # keys: engine/speed.py (closed in config.py)
+    Rule("trainer.speed.channels_last", BOOL),
+    Rule("trainer.speed.compile", MAPPING.or_null()),
+    *(Rule(f"trainer.speed.compile.{k}", BOOL) for k in ("student", "teacher", "head", "fullgraph")),
+    Rule("trainer.speed.compile.mode", one_of(*COMPILE_MODES)),
+    Rule("trainer.speed.compile.backend", STRING),
+    Rule("trainer.speed.compile.dynamic", BOOL.or_null()),
+    Rule("trainer.speed.teacher_mode", one_of(*TEACHER_MODES)),
+    Rule("trainer.speed.head_checkpointing", BOOL),
+    Rule("trainer.speed.persistent_workers", BOOL),
+    Rule("trainer.speed.prefetch_factor", integer(1).or_null()),
+    Rule("trainer.teacher_cache", MAPPING.or_null()),  # keys: engine/teacher_cache.py
+    Rule("trainer.teacher_cache.mode", one_of(*CACHE_MODES)),
+    Rule("trainer.teacher_cache.dir", STRING.or_null()),
+    Rule("trainer.teacher_cache.views", integer(1).or_null()),
+    Rule("trainer.teacher_cache.seed", integer()),
+    Rule("trainer.teacher_cache.dtype", one_of(*CACHE_DTYPES).or_null()),
+    Rule("trainer.teacher_cache.verify", BOOL),
     Rule("data.loader", MAPPING.or_null()),
     Rule("data.loader.batch_size", integer(1)),
     Rule("data.loader.eval_batch_size", integer(1)),
@@ -205,6 +230,12 @@ RULES: tuple[Rule, ...] = (
     *scheduler_rules("pretrain.sched"),
     Rule("pretrain.optim", NAMED, required=True),
     Rule("pretrain.sched", NAMED, required=True),
+    Rule("hint", MAPPING.or_null()),
+    Rule("hint.epochs", integer(1), required=True),
+    *optimizer_rules("hint.optim"),
+    *scheduler_rules("hint.sched"),
+    Rule("hint.optim", NAMED, required=True),
+    Rule("hint.sched", NAMED, required=True),
     Rule("logger", MAPPING.or_null()),
     Rule("logger.backends", Allowed(_is_list, "a list").or_null()),
     Rule("logger.backends.*", Allowed(NAME_OR_NAMED.test, "a logger name or a {name: ...} mapping")),
@@ -338,7 +369,10 @@ def _require_recipe(recipe: Mapping[str, Any], where: str, sources: str) -> None
             )
 
 
-STAGE_NEEDS = {"teacher": "teacher", "pretrain": "pretrain"}  # built-in stage -> config node it reads
+STAGE_NEEDS = {"teacher": "teacher", "pretrain": "pretrain", "hint": "hint"}  # stage -> config node it reads
+STAGE_NODE_HELP = {
+    "hint": "add a `hint:` node (epochs, optim, sched) as experiment=digits/fitnet_stagewise does"
+}
 
 
 def check_stages(cfg: DictConfig) -> None:
@@ -349,7 +383,7 @@ def check_stages(cfg: DictConfig) -> None:
         if node is not None and cfg.get(node) is None:
             raise ConfigError(
                 f"config key '{node}' is missing: stage '{name}' (stages.{i}) needs it "
-                f"(pick one with {node}=<name> or drop the stage)"
+                f"({STAGE_NODE_HELP.get(name, f'pick one with {node}=<name>')}, or drop the stage)"
             )
 
 

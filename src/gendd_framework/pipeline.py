@@ -15,6 +15,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gendd_framework import config as config_lib
+from gendd_framework.engine import distributed
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
 from gendd_framework.engine.loggers import flatten
 from gendd_framework.errors import ConfigError, NonFiniteLossError
@@ -32,6 +33,7 @@ from gendd_framework.runtime import (  # noqa: F401  (re-exported: the pipeline'
 RESUME_NEUTRAL = (
     "trainer.resume", "trainer.progress", "trainer.device", "data.loader.num_workers",
     "data.loader.pin_memory", "data.loader.eval_batch_size", "logger", "paths", "plugins",
+    "trainer.find_unused_parameters",
 )  # fmt: skip
 
 
@@ -76,7 +78,22 @@ def stage_keys(cfg: DictConfig) -> list[tuple[str, str, dict]]:
 
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Validate and build everything (preflight), then run every configured stage; returns (and
-    writes) the summary. A non-finite loss stops the run with the failure recorded in summary.json."""
+    writes) the summary. A non-finite loss stops the run with the failure recorded in summary.json.
+
+    Under torchrun or a multi-task submitit job this runs on every rank (engine/distributed.py): rank 0's
+    config and run directory are used by all, and only rank 0 writes files."""
+    from gendd_framework.config_checks import RULES, check_rules
+
+    check_rules(cfg, tuple(r for r in RULES if r.key == "trainer.device"))  # the rest after agreement
+    try:
+        _, device = distributed.setup(str(cfg.trainer.get("device", "auto")))
+        run_dir, (cfg, overrides) = distributed.agree(str(run_dir), (cfg, list(overrides)))
+        return _run(cfg, Path(run_dir), overrides, device)
+    finally:
+        distributed.shutdown()
+
+
+def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[str, Any]:
     from gendd_framework.preflight import preflight
     from gendd_framework.provenance import provenance
     from gendd_framework.registry import STAGES
@@ -89,14 +106,14 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, 
         cfg.plugins = plugins
     stages = stage_keys(cfg)
     started = time.perf_counter()
-    run_dir = Path(run_dir)
+    main = distributed.is_main_process()
     check_resume(cfg, run_dir)
-    device = resolve_device(cfg.trainer.get("device", "auto"))
     data, loader_cfg = build_data(cfg.data)
     preflight(cfg, data.num_classes, data.input_shape, len(data.train))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
+        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     seed_everything(int(cfg.seed))
     ctx = RunContext(cfg, run_dir, device, data, loader_cfg, build_logger(cfg, run_dir))
     summary: dict[str, Any] = {
@@ -104,6 +121,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, 
         "seed": int(cfg.seed),
         "method": cfg.method.name,
         "device": str(device),
+        "world_size": distributed.info().world_size,
         "run_dir": str(run_dir),
         "provenance": provenance(device),
     }
@@ -115,11 +133,16 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, 
         ctx.logger.finish(OmegaConf.to_container(cfg, resolve=True), finals)  # TensorBoard hparams, wandb
     except NonFiniteLossError as exc:
         failed = {"error": str(exc), "stage": exc.stage, "step": exc.step, "key": exc.key}
-        write_summary(run_dir, {**summary, "elapsed_s": elapsed(started), **ctx.results, "failed": failed})
+        if main:
+            record = {**summary, "elapsed_s": elapsed(started), **ctx.results, "failed": failed}
+            write_summary(run_dir, record)
         raise
     finally:
         ctx.logger.close()
     summary.update(elapsed_s=elapsed(started), **ctx.results)
+    summary.update(objective(ctx.results))
+    if not main:
+        return summary
     write_summary(run_dir, summary)
     (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
     if "student" in ctx.models:
@@ -128,6 +151,17 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, 
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     return summary
+
+
+def objective(results: dict[str, Any]) -> dict[str, Any]:
+    """The run's validation objective (what `gendd-train` returns to a Hydra sweeper such as Optuna):
+    the selection metric's best validation value of the last stage that selected on validation."""
+    for key, record in reversed(list(results.items())):
+        if isinstance(record, dict) and record.get("select") and record.get("val"):
+            metric = record["select"]
+            if metric in record["val"]:
+                return {"objective": float(record["val"][metric]), "objective_metric": f"{key}/val/{metric}"}
+    return {}
 
 
 def elapsed(started: float) -> float:

@@ -73,6 +73,25 @@ def teacher_for_preflight(cfg: DictConfig, num_classes: int) -> nn.Module | None
     return model
 
 
+def check_hint_stage(
+    cfg: DictConfig,
+    stage_names: list[str],
+    student: nn.Module,
+    teacher: nn.Module | None,
+    input_shape: tuple[int, ...],
+) -> None:
+    """FitNets' `hint` stage: its `hint:` node, a teacher stage before it, and its method (layers,
+    regressor, guided path), optimizer and schedule, built as the stage will build them."""
+    from gendd_framework.hint_stage import build_hint_method, hint_config
+
+    node = hint_config(cfg)
+    if teacher is None or "teacher" not in stage_names[: stage_names.index("hint")]:
+        raise ConfigError("stage 'hint' needs a `teacher` stage before it")
+    method = build_hint_method(cfg, student, teacher, input_shape)
+    params = method.param_groups(float(node["optim"].get("weight_decay", 0.0)))
+    check_optimisation(node["optim"], node["sched"], params, int(node["epochs"]), "hint")
+
+
 def check_select(cfg: DictConfig, method: nn.Module) -> None:
     select = cfg.trainer.get("select")
     if select is None:
@@ -106,6 +125,9 @@ def preflight(
         head = METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=teacher)
         params = [p for g in head.param_groups(0.0) for p in g["params"]]
         check_optimisation(pcfg.optim, pcfg.sched, params, int(pcfg.epochs), "pretrain")
+        student = build_model(cfg.student, num_classes=num_classes)
+    if "hint" in stage_names:
+        check_hint_stage(cfg, stage_names, student, teacher, input_shape)
         student = build_model(cfg.student, num_classes=num_classes)
     for stage in dict.fromkeys(n for n in stage_names if n in TRAINING_STAGES):
         stage_teacher = (

@@ -5,6 +5,7 @@ engine, so plugin loading and the pipeline never have to be imported by a stage.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gendd_framework.data.base import BatchDataset, DataSplits
+from gendd_framework.engine import distributed
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.checkpoint import seed_worker
 from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
+from gendd_framework.engine.speed import apply_speed, loader_options
+from gendd_framework.engine.teacher_cache import cache_for_run, wrap_train_dataset
 from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate, optimizer_steps_per_epoch
 from gendd_framework.errors import ConfigError
 from gendd_framework.registry import DATASETS, LOGGERS, OPTIMIZERS, SCHEDULERS, split_spec
 
+LOG = logging.getLogger("gendd_framework")
 LOADER_DEFAULTS = {"batch_size": 64, "eval_batch_size": 256, "num_workers": 0, "pin_memory": None}
 
 
@@ -43,26 +48,35 @@ class RunContext:
         return self.run_dir / "checkpoints"
 
     def loader(
-        self, split: str, *, shuffle_seed: int | None = None, all_labels: bool = False
+        self, split: str, *, shuffle_seed: int | None = None, all_labels: bool = False, wrap=None
     ) -> tuple[DataLoader, torch.Generator | None]:
         """Batches as mappings; the training split hides the labels outside `data.label_mask` unless
-        `all_labels` (teachers train on every label)."""
+        `all_labels` (teachers train on every label).
+
+        Under DDP (and with one process alike) training batches come from this rank's shard of a
+        per-epoch permutation (a DistributedSampler: `data.loader.batch_size` is per rank) and the other
+        splits are sharded without padding, so evaluation covers each sample once."""
         train = split == "train"
         mask = self.data.label_mask if train and not all_labels else None
         dataset = BatchDataset(getattr(self.data, split), mask)
+        if wrap is not None:  # e.g. replayable augmentation views (engine/teacher_cache.py)
+            dataset = wrap(dataset)
+        # the train generator seeds the loader's workers (reseeded per epoch and rank by the Trainer)
         generator = torch.Generator() if train else None
         if generator is not None and shuffle_seed is not None:
             generator.manual_seed(shuffle_seed)
+        sampler = distributed.train_sampler(dataset, seed=shuffle_seed or 0) if train else None
+        if not train:
+            dataset = distributed.eval_shard(dataset)
         pin = self.loader_cfg["pin_memory"]
         loader = DataLoader(
             dataset,
             batch_size=self.loader_cfg["batch_size" if train else "eval_batch_size"],
-            shuffle=train,
-            drop_last=train and len(dataset) > self.loader_cfg["batch_size"],
-            num_workers=self.loader_cfg["num_workers"],
-            pin_memory=self.device.type == "cuda" if pin is None else pin,
-            # train workers restart each epoch: persistent ones would carry RNG state across a resume
-            persistent_workers=self.loader_cfg["num_workers"] > 0 and not train,
+            sampler=sampler,
+            drop_last=train and len(sampler) > self.loader_cfg["batch_size"],
+            # workers, pinning, persistence (train workers restart each epoch unless trainer.speed says)
+            **loader_options(self.loader_cfg["num_workers"], pin, train=train, device=self.device,
+                             speed=(self.cfg.get("trainer") or {}).get("speed")),  # fmt: skip
             worker_init_fn=seed_worker,
             generator=generator,
         )
@@ -88,6 +102,11 @@ def build_data(node: DictConfig) -> tuple[DataSplits, dict[str, Any]]:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> LoggerGroup:
+    """The run's metric sinks; ranks other than 0 get none (only rank 0 writes files)."""
+    if not distributed.is_main_process():
+        group = LoggerGroup([])
+        group.jsonl_path = None
+        return group
     specs = (cfg.get("logger") or {}).get("backends") or [{"name": "jsonl"}]
     loggers: list[MetricLogger] = []
     for spec in specs:
@@ -118,7 +137,13 @@ def fit_method(
 
     `reference` is the teacher that evaluation metrics (agreement, KL) compare with."""
     method.to(ctx.device)
-    train_loader, generator = ctx.loader("train", shuffle_seed=seed, all_labels=all_labels)
+    applied = apply_speed(method, trainer.speed)
+    cache = cache_for_run(ctx, method, trainer)  # None unless trainer.teacher_cache.mode is set
+    if applied or cache is not None:
+        LOG.info("%s: speed options %s; teacher cache %s", stage, applied, cache.folder if cache else "off")
+    train_loader, generator = ctx.loader(
+        "train", shuffle_seed=seed, all_labels=all_labels, wrap=lambda d: wrap_train_dataset(d, cache)
+    )
     val_loader, _ = ctx.loader("val")
     test_loader, _ = ctx.loader("test")
     opt_name, opt_kwargs = split_spec(optim, "optimizer")
@@ -146,11 +171,16 @@ def fit_method(
         reference=reference,
     )
     best = loop.fit()
+    if cache is not None:
+        cache.flush()
+        LOG.info("%s: teacher cache %s", stage, cache.stats())
+    distributed.barrier()  # rank 0's best checkpoint is on disk before any rank reads it
     test_last = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
     if loop.path("best").exists():
         method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
     test = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
     record = {"best_epoch": best["epoch"], "val": best["metrics"], "test": test, "test_last": test_last}
+    record["select"] = loop.select  # the validation metric that picked `best_epoch` (Optuna's objective)
     if method.eval_settings():
         record["eval_settings"] = method.eval_settings()
     ctx.logger.log(

@@ -18,6 +18,7 @@ from torch import nn
 from gendd_framework import config as config_lib
 from gendd_framework.config import plain
 from gendd_framework.data.base import BatchDataset
+from gendd_framework.engine import distributed
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.statistics import TeacherStatistics
@@ -51,6 +52,9 @@ def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) ->
         "loop": {k: ctx.cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
         "eval_every": TEACHER_EVAL_EVERY,
     }
+    world_size = distributed.info().world_size
+    if world_size > 1:  # DDP trains on world_size x batch_size samples per step: another teacher
+        recipe["world_size"] = world_size
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return f"{node['model']['name']}-{digest}"
 
@@ -65,7 +69,7 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
         return model, {"source": str(node["weights"])}
     cache = Path(node["cache_dir"]).expanduser() / f"{teacher_cache_key(ctx, node)}.pt"
     model = build_model(node["model"], num_classes=num_classes)
-    if cache.exists():
+    if distributed.broadcast_object(cache.exists()):  # rank 0 decides: every rank loads or every rank trains
         model.load_state_dict(load_state_dict_file(cache))
         return model, {"source": f"cache:{cache}"}
     if not node.get("train_if_missing", True) or node.get("train") is None:
@@ -92,7 +96,9 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
         seed=int(train["seed"]),
         all_labels=True,
     )
-    atomic_save(model.state_dict(), cache)
+    # the teacher trains under DDP like any stage (all ranks hold the same weights); rank 0 caches it
+    if distributed.is_main_process():
+        atomic_save(model.state_dict(), cache)
     return model, {"source": f"trained:{cache}", "best_epoch": fit["best_epoch"]}
 
 

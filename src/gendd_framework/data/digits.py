@@ -16,6 +16,9 @@ class RandomShift(nn.Module):
         super().__init__()
         self.max_shift, self.noise_std, self.generator = max_shift, noise_std, generator
 
+    def extra_repr(self) -> str:  # the settings appear in repr(): teacher-output cache keys read it
+        return f"max_shift={self.max_shift}, noise_std={self.noise_std}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.max_shift > 0:
             dy, dx = torch.randint(

@@ -63,6 +63,30 @@ class MetricAccumulator:
                 acc["agree"] = acc.get("agree", 0.0) + agree
                 acc["kl"] = acc.get("kl", 0.0) + kl.sum().item()
 
+    def state(self) -> dict:
+        """The running sums as plain Python values (picklable: gathered across ranks under DDP)."""
+        sums = {
+            name: {k: (v.cpu().tolist() if torch.is_tensor(v) else v) for k, v in acc.items()}
+            for name, acc in self.sums.items()
+        }
+        return {"total": self.total, "sums": sums}
+
+    def merge(self, states: list[dict]) -> None:
+        """Replace the sums by the total of `states` (every rank's `state()`, this one's included),
+        added in list order so that every rank computes bit-identical metrics."""
+        self.total, self.sums = 0, {}
+        for state in states:
+            self.total += state["total"]
+            for name, part in state["sums"].items():
+                acc = self.sums.setdefault(name, {"correct": 0.0, "ce": 0.0, "bins": None})
+                for key, value in part.items():
+                    if key == "bins":
+                        if value is not None:
+                            bins = torch.tensor(value, dtype=torch.float64)
+                            acc["bins"] = bins if acc["bins"] is None else acc["bins"] + bins
+                    else:
+                        acc[key] = acc.get(key, 0.0) + value
+
     def result(self) -> dict[str, float]:
         n = max(self.total, 1)
         metrics: dict[str, float] = {}

@@ -12,7 +12,20 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from gendd_framework.errors import ConfigError
 from gendd_framework.registry import OPTIMIZERS, SCHEDULERS
+
+
+def implementation(name: str, fused: bool | None, foreach: bool | None) -> dict[str, bool | None]:
+    """The update kernel: `fused` (one kernel for all parameters), `foreach` (batched per-op kernels)
+    or the per-parameter loop (both false); None leaves torch's choice (foreach on CUDA, loop on CPU).
+    Same maths either way, to float rounding."""
+    for key, value in (("fused", fused), ("foreach", foreach)):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigError(f"config key 'optim.{key}' = {value!r}: must be null, true or false")
+    if fused and foreach:
+        raise ConfigError(f"optimizer {name}: optim.fused and optim.foreach cannot both be true; pick one")
+    return {"fused": fused, "foreach": foreach}
 
 
 @OPTIMIZERS.register("sgd")
@@ -22,9 +35,18 @@ def sgd(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     nesterov: bool = False,
+    fused: bool | None = None,
+    foreach: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """SGD with momentum (the CIFAR KD protocol: lr 0.05, wd 5e-4)."""
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    """SGD with momentum (the CIFAR KD protocol: lr 0.05, wd 5e-4); `fused`/`foreach` pick the kernel."""
+    return torch.optim.SGD(
+        params,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        **implementation("sgd", fused, foreach),
+    )
 
 
 @OPTIMIZERS.register("adamw")
@@ -36,18 +58,18 @@ def adamw(
     eps: float = 1e-8,
     fused: bool | None = None,
     beta2_min: float | None = None,
+    foreach: bool | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (decoupled weight decay); `fused` defaults to on for CUDA parameters.
+    """AdamW (decoupled weight decay); `fused` defaults to on for CUDA parameters (unless `foreach`).
 
     `beta2_min` turns on GenDD's per-iteration cosine ramp of β2 from `beta2_min` up to `betas[1]`.
     """
     params = list(params)
-    if fused is None:
+    kernel = implementation("adamw", fused, foreach)
+    if fused is None and not foreach:
         first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
-        fused = bool(first.is_cuda)
-    opt = torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, fused=fused
-    )
+        kernel["fused"] = bool(first.is_cuda)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kernel)
     if beta2_min is not None:
         beta2_max = float(betas[1])
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from gendd_framework.context import distill_targets, to_device
 from gendd_framework.engine.checkpoint import atomic_save
+from gendd_framework.engine.distributed import is_main_process
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.models.tap import FeatureTap, find_classifier
 
@@ -76,7 +77,7 @@ class TeacherStatistics:
             value = load_checkpoint(path)["value"]
         else:
             value = compute()
-            if path is not None:
+            if path is not None and is_main_process():  # every rank computes; only rank 0 writes
                 atomic_save({"value": value, "name": name, "params": dict(params)}, path)
         self._memo[digest] = value
         return value

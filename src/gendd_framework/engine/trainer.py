@@ -5,7 +5,8 @@ evaluation on the validation split every N epochs, atomic last/best checkpoints 
 resumed run continues exactly), metric logging, a progress bar (terminals only) and one console line per
 epoch through `logging` (Hydra sends it to the console and `<run_dir>/<job>.log`). A non-finite loss
 stops the run on the step it happens, before the optimizer step. Methods only provide `training_step`,
-`predict` and `param_groups`.
+`predict` and `param_groups`. Under torchrun/SLURM the same loop runs on every rank: the step goes
+through DDP, metrics are gathered over ranks and only rank 0 writes (engine/distributed.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 
 from gendd_framework.context import StepContext, to_device
 from gendd_framework.engine import checkpoint as ckpt
+from gendd_framework.engine import distributed
 from gendd_framework.engine.loggers import MetricLogger, count_rows, truncate_jsonl
 from gendd_framework.engine.metrics import MetricAccumulator
 from gendd_framework.errors import ConfigError, NonFiniteLossError
@@ -44,6 +46,10 @@ class TrainerConfig:
     log_every: int = 20
     resume: bool = False
     select: str | None = None  # metric used for "best"; default: acc of the method's primary output
+    sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch (CUDA only)
+    find_unused_parameters: bool = False  # DDP: allow optimised parameters without a gradient in a step
+    speed: dict | None = None  # channels_last, compile, teacher_mode, ... (engine/speed.py)
+    teacher_cache: dict | None = None  # off | deterministic | replay (engine/teacher_cache.py)
 
 
 def optimizer_steps_per_epoch(batches: int, accum_steps: int) -> int:
@@ -64,6 +70,10 @@ def all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     """One device-side bool for a losses dict: no host sync until someone reads it."""
     device = losses["loss"].device
     return torch.stack([torch.isfinite(v).all().to(device) for v in losses.values()]).all()
+
+
+def all_finite_list(pending: list[dict[str, torch.Tensor]]) -> bool:
+    return all(bool(all_finite(losses)) for losses in pending)
 
 
 def first_non_finite(pending: list[dict[str, torch.Tensor]]) -> tuple[str, float]:
@@ -99,6 +109,12 @@ def evaluate(
             outputs = method.predict(x)
             teacher_logits = teacher(x) if teacher is not None else None
         metrics.update(outputs, y, teacher_logits)
+    if isinstance(loader.dataset, distributed.EvalShard):  # this rank saw its shard: sum every rank's
+        metrics.merge(distributed.all_gather_object(metrics.state()))
+        if metrics.total != loader.dataset.full_size:
+            raise AssertionError(
+                f"evaluated {metrics.total} samples of a {loader.dataset.full_size}-sample split"
+            )
     return metrics.result()
 
 
@@ -133,13 +149,26 @@ class Trainer:
         self.epoch, self.step = 0, 0
         self.best: dict[str, Any] = {"epoch": -1, "value": float("-inf"), "metrics": {}}
         self.jsonl: Path | None = getattr(logger, "jsonl_path", None)
+        # the training step, through DDP when several ranks run (engine/distributed.py)
+        self.dist = distributed.info()
+        self.runner = distributed.StepRunner(
+            method,
+            optimizer,
+            device,
+            sync_bn=config.sync_bn,
+            find_unused_parameters=config.find_unused_parameters,
+        )
 
     # -- checkpoints ----------------------------------------------------------------------------
     def path(self, which: str) -> Path:
         return self.ckpt_dir / f"{self.stage}_{which}.pt"
 
     def state(self) -> dict[str, Any]:
+        """Everything a resume needs; under DDP every rank calls it (RNG states are gathered)."""
+        rngs = distributed.all_gather_object(ckpt.rng_state())
+        extra = {"rng_ranks": rngs} if len(rngs) > 1 else {}
         return {
+            **extra,
             "method": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -147,7 +176,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "best": self.best,
-            "rng": ckpt.rng_state(),
+            "rng": rngs[0],
             # this stage's JSONL records so far: a resume keeps exactly these (see truncate_jsonl)
             "log_rows": count_rows(self.jsonl, self.stage) if self.jsonl is not None else None,
         }
@@ -159,14 +188,26 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.best = state["epoch"], state["step"], state["best"]
-        ckpt.set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks") or [state["rng"]]
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:  # e.g. an elastic restart with fewer ranks: data order is still exact, draws are not
+            LOG.warning(
+                "%s: checkpoint written by %d rank(s), resuming with %d: random draws differ from an "
+                "uninterrupted run",
+                self.stage,
+                len(rngs),
+                self.dist.world_size,
+            )
+            ckpt.seed_everything(distributed.rank_seed(self.shuffle_seed + self.epoch, self.dist.rank))
         return state
 
     # -- loop -----------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train for `epochs` (continuing from `<stage>_last.pt` if `resume`), return the best record."""
-        ckpt.remove_stale_tmp(self.ckpt_dir)  # a killed save's orphan; no save of this run is in flight
-        if self.cfg.resume and self.path("last").exists():
+        if self.dist.is_main:  # a killed save's orphan; no save of this run is in flight
+            ckpt.remove_stale_tmp(self.ckpt_dir)
+        if self.cfg.resume and distributed.broadcast_object(self.path("last").exists()):
             state = self.restore(self.path("last"))
             LOG.info(
                 "%s: resumed from %s at epoch %d/%d (step %d)",
@@ -184,14 +225,18 @@ class Trainer:
                     "resume differ from an uninterrupted run (use persistent_workers=False)",
                     self.stage,
                 )
-        elif self.jsonl is not None:  # a fresh start replaces whatever an earlier attempt logged
-            truncate_jsonl(self.jsonl, self.stage, -1, keep_rows=0)
+        else:
+            # every rank draws its own augmentation and noise; the data order comes from the sampler
+            ckpt.seed_everything(distributed.rank_seed(self.shuffle_seed, self.dist.rank))
+            if self.jsonl is not None:  # a fresh start replaces whatever an earlier attempt logged
+                truncate_jsonl(self.jsonl, self.stage, -1, keep_rows=0)
         total_steps = self.cfg.epochs * optimizer_steps_per_epoch(
             len(self.train_loader), self.cfg.accum_steps
         )
         while self.epoch < self.cfg.epochs:
             started = time.perf_counter()
             record = self.train_one_epoch(total_steps)
+            self.runner.sync_buffers()  # every rank evaluates and saves rank 0's model
             self.epoch += 1
             metrics = None
             if self.val_loader is not None and (
@@ -212,9 +257,10 @@ class Trainer:
                     raise ConfigError(f"trainer.select='{self.select}' is not among {sorted(metrics)}")
                 if metrics[self.select] > self.best["value"]:
                     self.best = {"epoch": self.epoch, "value": metrics[self.select], "metrics": metrics}
-                    ckpt.atomic_save(
-                        {"method": self.method.state_dict(), "epoch": self.epoch}, self.path("best")
-                    )
+                    if self.dist.is_main:
+                        ckpt.atomic_save(
+                            {"method": self.method.state_dict(), "epoch": self.epoch}, self.path("best")
+                        )
                     LOG.info(
                         "%s: new best val %s %.4g at epoch %d -> %s",
                         self.stage,
@@ -223,7 +269,10 @@ class Trainer:
                         self.epoch,
                         self.path("best"),
                     )
-            ckpt.atomic_save(self.state(), self.path("last"))
+            state = self.state()  # a collective under DDP: every rank builds it, rank 0 writes it
+            if self.dist.is_main:
+                ckpt.atomic_save(state, self.path("last"))
+            distributed.barrier()  # no rank reads a checkpoint before rank 0 has written it
             LOG.info(self.epoch_line(record, metrics, time.perf_counter() - started))
         return self.best
 
@@ -246,8 +295,15 @@ class Trainer:
         GradScaler's own inf check does every fp16 step). A sync-free flag could only be read a step
         late, after the bad update."""
         self.method.train()
-        if self.shuffle_generator is not None:  # the order depends only on (seed, epoch): resume-safe
-            self.shuffle_generator.manual_seed(self.shuffle_seed * 1_000_003 + self.epoch)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: this rank's shard of epoch's permutation
+            sampler.set_epoch(self.epoch)
+        dataset = getattr(self.train_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # replayed augmentation views (engine/teacher_cache.py)
+            dataset.set_epoch(self.epoch)
+        if self.shuffle_generator is not None:  # depends only on (seed, epoch, rank): resume-safe
+            seed = distributed.rank_seed(self.shuffle_seed * 1_000_003 + self.epoch, self.dist.rank)
+            self.shuffle_generator.manual_seed(seed)
         accum = max(1, self.cfg.accum_steps)
         steps_per_epoch = optimizer_steps_per_epoch(len(self.train_loader), accum)
         running: dict[str, torch.Tensor] = {}
@@ -257,7 +313,7 @@ class Trainer:
         bar = tqdm(
             self.train_loader,
             desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
-            disable=not (self.cfg.progress and sys.stderr.isatty()),  # no bar frames in log files
+            disable=not (self.cfg.progress and sys.stderr.isatty() and self.dist.is_main),  # not in logs
             leave=False,
             dynamic_ncols=True,
         )
@@ -266,15 +322,17 @@ class Trainer:
             for i, batch in enumerate(bar):
                 batch = to_device(batch, self.device)
                 ctx = StepContext(self.step, self.epoch, steps_per_epoch, total_steps, self.cfg.epochs)
-                with autocast_context(self.device, self.cfg.precision):
-                    losses = self.method.training_step(batch, ctx)
-                detached = {k: v.detach() for k, v in losses.items()}
-                ok = all_finite(detached)
-                finite = ok if finite is None else finite & ok
-                pending.append(detached)
-                self.scaler.scale(losses["loss"] / accum).backward()
-                if (i + 1) % accum == 0 or i + 1 == len(self.train_loader):
-                    if not bool(finite):  # the one host sync per optimizer step
+                update = (i + 1) % accum == 0 or i + 1 == len(self.train_loader)
+                with self.runner.sync(update):  # DDP all-reduces gradients on the update's micro-batch
+                    with autocast_context(self.device, self.cfg.precision):
+                        losses = self.runner(batch, ctx)
+                    detached = {k: v.detach() for k, v in losses.items()}
+                    ok = all_finite(detached)
+                    finite = ok if finite is None else finite & ok
+                    pending.append(detached)
+                    self.scaler.scale(losses["loss"] / accum).backward()
+                if update:
+                    if not distributed.all_true(finite):  # the one host sync per optimizer step
                         self.stop_non_finite(pending)
                     self.optimizer_step(total_steps)
                     pending, finite = [], None
@@ -284,6 +342,7 @@ class Trainer:
                 if not bar.disable and (count % self.cfg.log_every == 0 or i + 1 == len(self.train_loader)):
                     bar.set_postfix(loss=f"{running['loss'].item() / count:.4f}")
         elapsed = time.perf_counter() - started
+        totals, count = distributed.mean_over_ranks({k: float(v) for k, v in running.items()}, count)
         record = {
             "stage": self.stage,
             "epoch": self.epoch + 1,
@@ -291,13 +350,15 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "epoch_time_s": round(elapsed, 3),
         }
-        record.update({f"train/{k}": float(v) / max(count, 1) for k, v in running.items()})
+        record.update({f"train/{k}": v / max(count, 1) for k, v in totals.items()})  # every rank's
         self.logger.log(record)
         return record
 
     def stop_non_finite(self, pending: list[dict[str, torch.Tensor]]) -> None:
-        """Log the event and raise before the update: no optimizer step, no `last` checkpoint."""
-        key, value = first_non_finite(pending)
+        """Log the event and raise before the update: no optimizer step, no `last` checkpoint.
+        Under DDP every rank stops; the first offending rank's value is reported."""
+        local = first_non_finite(pending) if not bool(all_finite_list(pending)) else None
+        key, value = next(f for f in distributed.all_gather_object(local) if f is not None)
         self.logger.log(
             {
                 "stage": self.stage,

@@ -79,6 +79,10 @@ class Method(nn.Module):
         self.teacher = FeatureTap(freeze(teacher), taps) if teacher is not None else None
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
+        # how `teacher_outputs` runs the frozen teacher (trainer.speed.teacher_mode) and an optional
+        # teacher-output cache (engine/teacher_cache.py); plain attributes, not saved with the weights
+        self.teacher_grad_mode = "inference"
+        self.teacher_cache: Any = None
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
@@ -105,11 +109,31 @@ class Method(nn.Module):
         return param.device if param is not None else torch.device("cpu")
 
     # -- training ------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def teacher_outputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def teacher_outputs(
+        self, x: torch.Tensor, batch: Mapping[str, Any] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The frozen teacher's taps for `x`, never tracked by autograd.
+
+        With a teacher-output cache attached (`trainer.teacher_cache`) and the `batch` given, the taps
+        of samples seen before (same `index` and augmentation `view`) are read instead of recomputed.
+        `teacher_grad_mode="inference"` (the default) runs the forward under `torch.inference_mode()`
+        and returns clones: inference tensors may not be saved for backward, and terms multiply teacher
+        taps with student tensors (KD's p_t * log p_s); a clone is an ordinary tensor without history.
+        """
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__} was built without a teacher")
-        return self.teacher(x)
+        cache = self.teacher_cache
+        if cache is not None and batch is not None:
+            return cache.lookup(batch, lambda: self._teacher_forward(x))
+        return self._teacher_forward(x)
+
+    def _teacher_forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.teacher_grad_mode == "inference":
+            with torch.inference_mode():
+                out = self.teacher(x)
+            return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        with torch.no_grad():
+            return self.teacher(x)
 
     def prepare(self, stats: Any) -> None:
         """Compute teacher statistics once before training (`stats` is a TeacherStatistics)."""

@@ -70,7 +70,7 @@ class WeightedLossMethod(Method):
 
     def training_step(self, batch: Mapping[str, Any], ctx: StepContext) -> dict[str, torch.Tensor]:
         x = batch["input"]
-        teacher_out = self.teacher_outputs(x) if self.teacher is not None else None  # frozen: first
+        teacher_out = self.teacher_outputs(x, batch) if self.teacher is not None else None  # frozen: first
         student_out = self.student(x)
         out: dict[str, torch.Tensor] = {}
         total = None

@@ -136,7 +136,7 @@ class GenDD(Method):
     def training_step(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x, target = batch["input"], batch["target"]
         with torch.no_grad():
-            teacher_out = self.teacher_outputs(x)
+            teacher_out = self.teacher_outputs(x, batch)
             f = teacher_out["feature"].float()
             # unlabelled samples (transfer set) contract toward the teacher's predicted class
             labels_seen = batch.get("all_labelled")

@@ -16,6 +16,7 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 
+_MEMO: dict[tuple, list[str]] = {}  # (family, parameter shapes, input shape) -> stages: one probe each
 MAX_STAGES = 4  # deeper trunks (VGG's five blocks, torchvision MobileNetV2) keep their last four stages
 POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Dropout)
 
@@ -133,7 +134,15 @@ def feature_stages(
             f"default feature layers of {type(model).__name__} are found by a dry forward: build the "
             f"method with input_shape, or set {keys} to module paths"
         )
-    stages = _stage_ends(model, trunk, input_shape)
+    memo_key = (
+        type(model).__qualname__,
+        tuple(trunk),
+        tuple((name, tuple(p.shape)) for name, p in model.named_parameters()),
+        tuple(input_shape),
+    )
+    if memo_key not in _MEMO:
+        _MEMO[memo_key] = _stage_ends(model, trunk, input_shape)
+    stages = list(_MEMO[memo_key])
     if not stages:
         raise ConfigError(f"{type(model).__name__} produced no 4-D feature maps; set {keys} to module paths")
     return stages

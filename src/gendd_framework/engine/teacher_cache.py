@@ -1,0 +1,359 @@
+"""Teacher-output cache (`trainer.teacher_cache`): a step reads the frozen teacher's taps by sample.
+
+The correctness rule: a cached output is only ever used for the very input it was computed from.
+
+- The cache folder is keyed by a hash of the teacher (every weight and buffer, its class and taps),
+  the data config and a description of the training transform, the cache mode, replay seed and view
+  count, and the numerics (autocast precision, channels_last, teacher compile, device type). Another
+  teacher, transform or dataset gets another folder: nothing is ever reused across them.
+- Inside a folder an entry is addressed by `(view, index)`: `index` is the sample's position in the
+  training split, `view` which augmented draw of it the student saw.
+- Every entry stores a fingerprint of its input (two float64 sums per sample); a read whose batch input
+  differs from the fingerprint raises instead of returning another view's teacher output.
+
+Modes:
+- `deterministic`: one view per sample. Allowed only when the training transform is deterministic
+  (checked at start: two draws of the same samples must agree), e.g. `data.augment=false`.
+- `replay`: random augmentation made replayable. Each sample's augmentation draws come from RNGs seeded
+  by `(seed, view, index)` (torch, Python `random` and NumPy, restored afterwards), view = epoch mod
+  `views` (null: one view per epoch). The student and the cached teacher then see the same draw, in
+  this run and every later run with the same seed. The augmentation stream no longer depends on the
+  run's seed (that is what lets other seeds reuse the cache); the batch order still does.
+
+Entries are filled lazily: a batch with any sample missing runs the teacher on the whole batch (the
+uncached computation, so a filling run's losses equal an uncached run's) and stores the new samples;
+a batch whose samples are all present skips the teacher. Views are saved as
+`<dir>/<key>/view_<v>.pt` when the epoch moves on and at the end of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from gendd_framework.data.replay import ReplayViews, check_deterministic, describe_transform
+from gendd_framework.engine.checkpoint import atomic_save
+from gendd_framework.engine.statistics import weights_digest
+from gendd_framework.errors import ConfigError
+
+MODES = ("off", "deterministic", "replay")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+KEYS = ("mode", "dir", "views", "seed", "dtype", "verify")
+FINGERPRINT_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """`trainer.teacher_cache`: mode off|deterministic|replay, folder, replay views/seed, storage dtype."""
+
+    mode: str = "off"
+    dir: str | None = None  # null: <paths.cache_dir>/teacher_outputs
+    views: int | None = None  # replay: distinct augmented views per sample (null: one per epoch)
+    seed: int = 0  # replay: augmentation seed (independent of the run's seed)
+    dtype: str | None = None  # null: as computed; float16/bfloat16 halve the storage (values rounded)
+    verify: bool = True  # compare each cached sample's input fingerprint before using it
+
+    @classmethod
+    def from_mapping(cls, node: Mapping[str, Any] | CacheConfig | None) -> CacheConfig:
+        if isinstance(node, CacheConfig):
+            return node
+        node = dict(_plain(node) or {})
+        if node.get("mode") is False:  # an unquoted YAML `off`
+            node["mode"] = "off"
+        unknown = sorted(set(node) - set(KEYS))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) trainer.teacher_cache.{unknown}; allowed: {', '.join(KEYS)}"
+            )
+        cfg = cls(**node)
+        where = "config key 'trainer.teacher_cache"
+        if cfg.mode not in MODES:
+            raise ConfigError(f"{where}.mode' = {cfg.mode!r}: must be one of {', '.join(MODES)}")
+        if cfg.views is not None and (not _is_int(cfg.views) or cfg.views < 1):
+            raise ConfigError(f"{where}.views' = {cfg.views!r}: must be null or an integer >= 1")
+        if not _is_int(cfg.seed):
+            raise ConfigError(f"{where}.seed' = {cfg.seed!r}: must be an integer")
+        if cfg.dtype is not None and cfg.dtype not in DTYPES:
+            raise ConfigError(f"{where}.dtype' = {cfg.dtype!r}: must be null or one of {', '.join(DTYPES)}")
+        if not isinstance(cfg.verify, bool):
+            raise ConfigError(f"{where}.verify' = {cfg.verify!r}: must be true or false")
+        return cfg
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# -- fingerprints and keys --------------------------------------------------------------------------
+def fingerprint(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2) float64 per-sample sum and sin-weighted sum: equal inputs agree, any change of pixels,
+    shift or flip moves the weighted sum."""
+    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+    weights = torch.sin(torch.arange(flat.shape[1], dtype=torch.float64, device=x.device) * 0.7 + 0.3)
+    return torch.stack([flat.sum(1), (flat * weights).sum(1)], dim=1)
+
+
+def cache_key(teacher: nn.Module, taps: list[str], recipe: Mapping[str, Any]) -> tuple[str, dict]:
+    """(hex key, the recipe it hashes): teacher weights digest + class + taps + data/transform/numerics."""
+    full = {
+        "teacher": {
+            "class": type(teacher).__name__,
+            "weights": weights_digest(teacher),
+            "taps": sorted(taps),
+        },
+        **recipe,
+    }
+    return hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:20], full
+
+
+# -- the cache --------------------------------------------------------------------------------------
+class ViewStore:
+    """One view's entries: per-tap tensors (N, ...), a filled mask and the input fingerprints."""
+
+    def __init__(self, num_samples: int) -> None:
+        self.num_samples = num_samples
+        self.taps: dict[str, torch.Tensor] = {}
+        self.filled = torch.zeros(num_samples, dtype=torch.bool)
+        self.prints = torch.zeros(num_samples, 2, dtype=torch.float64)
+        self.dtypes: dict[str, str] = {}  # each tap's computed dtype (reads return it, whatever is stored)
+        self.dirty = False
+
+    def state(self) -> dict[str, Any]:
+        return {"taps": self.taps, "filled": self.filled, "fingerprint": self.prints, "dtypes": self.dtypes}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> ViewStore:
+        store = cls(len(state["filled"]))
+        store.taps, store.filled, store.prints = dict(state["taps"]), state["filled"], state["fingerprint"]
+        store.dtypes = dict(state["dtypes"])
+        return store
+
+    def read(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            k: v.index_select(0, idx).to(device, getattr(torch, self.dtypes[k]), non_blocking=True)
+            for k, v in self.taps.items()
+        }
+
+    def merge(self, other: ViewStore) -> None:
+        """Take `other`'s entries this store lacks (another run filled them since we loaded)."""
+        new = other.filled & ~self.filled
+        if not bool(new.any()):
+            return
+        for key, values in other.taps.items():
+            if key not in self.taps:
+                self.taps[key] = values.clone()
+                self.dtypes[key] = other.dtypes[key]
+            else:
+                self.taps[key][new] = values[new].to(self.taps[key].dtype)
+        self.prints[new] = other.prints[new]
+        self.filled |= new
+
+
+class TeacherCache:
+    """Teacher taps by (view, index) in `root/key/view_<v>.pt`; see the module docstring."""
+
+    def __init__(
+        self, root: str | Path, key: str, num_samples: int, *, dtype: str | None = None, verify: bool = True
+    ) -> None:
+        self.folder = Path(root).expanduser() / key
+        self.key, self.num_samples, self.verify = key, int(num_samples), verify
+        self.dtype = DTYPES[dtype] if dtype else None
+        self.view: int | None = None
+        self.store: ViewStore | None = None
+        self.hits = self.misses = 0
+
+    def path(self, view: int) -> Path:
+        return self.folder / f"view_{view}.pt"
+
+    def _select(self, view: int) -> ViewStore:
+        if self.view != view or self.store is None:
+            self.flush()
+            path = self.path(view)
+            self.store = ViewStore.from_state(_load(path)) if path.is_file() else ViewStore(self.num_samples)
+            self.view = view
+        return self.store
+
+    def lookup(self, batch: Mapping[str, Any], compute: Callable[[], dict[str, torch.Tensor]]) -> dict:
+        """The teacher taps of `batch`: read when every sample is cached, else `compute()` and store."""
+        index = batch.get("index")
+        x = batch["input"]
+        if not isinstance(index, torch.Tensor):
+            return compute()
+        views = batch.get("view")
+        view = int(views.reshape(-1)[0]) if isinstance(views, torch.Tensor) else int(views or 0)
+        if isinstance(views, torch.Tensor) and not bool((views == view).all()):
+            return compute()  # a batch mixing views (never built by the loop): no cache
+        idx = index.reshape(-1).cpu()
+        if int(idx.max()) >= self.num_samples or int(idx.min()) < 0:
+            raise ConfigError(
+                f"teacher cache: batch index {int(idx.max())} outside the training split "
+                f"({self.num_samples} samples); the cache reads only training batches"
+            )
+        store = self._select(view)
+        prints = fingerprint(x).cpu()
+        known = store.filled[idx]
+        if self.verify and bool(known.any()):
+            self._check(store, idx[known], prints[known], view)
+        if bool(known.all()) and store.taps:
+            self.hits += 1
+            return store.read(idx, x.device)
+        self.misses += 1
+        out = compute()
+        self._put(store, idx, known, out, prints)
+        return out
+
+    def _check(self, store: ViewStore, idx: torch.Tensor, prints: torch.Tensor, view: int) -> None:
+        stored = store.prints[idx]
+        scale = stored.abs().clamp_min(1.0)
+        bad = ((stored - prints).abs() > FINGERPRINT_RTOL * scale).any(dim=1)
+        if bool(bad.any()):
+            sample = int(idx[bad][0])
+            raise ConfigError(
+                f"teacher cache {self.folder}: sample {sample} (view {view}) differs from the input its "
+                "teacher output was cached for; the training transform is not what the cache key "
+                "describes (a code change in a transform or dataset?). Delete the folder or set "
+                "trainer.teacher_cache.mode=off"
+            )
+
+    def _put(self, store: ViewStore, idx: torch.Tensor, known: torch.Tensor, out: Mapping, prints) -> None:
+        new = idx[~known]
+        if not len(new):
+            return
+        rows = (~known).nonzero().reshape(-1)
+        for key, value in out.items():
+            if not isinstance(value, torch.Tensor) or value.shape[:1] != idx.shape:
+                continue
+            value = value.detach()
+            if key not in store.taps:
+                dtype = self.dtype or value.dtype
+                store.taps[key] = torch.zeros((self.num_samples, *value.shape[1:]), dtype=dtype)
+                store.dtypes[key] = str(value.dtype).removeprefix("torch.")
+            store.taps[key][new] = value.index_select(0, rows.to(value.device)).to(
+                "cpu", store.taps[key].dtype
+            )
+        store.prints[new] = prints[~known]
+        store.filled[new] = True
+        store.dirty = True
+
+    def flush(self) -> None:
+        """Save the current view if it gained entries (merged with what other runs saved meanwhile)."""
+        store = self.store
+        if store is None or not store.dirty or self.view is None:
+            return
+        path = self.path(self.view)
+        if path.is_file():
+            store.merge(ViewStore.from_state(_load(path)))
+        atomic_save(store.state(), path)
+        store.dirty = False
+
+    def stats(self) -> dict[str, Any]:
+        return {"key": self.key, "folder": str(self.folder), "hits": self.hits, "misses": self.misses}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file from a killed save cannot happen (atomic), a foreign one can
+        raise ConfigError(f"cannot read teacher cache file {path}: {exc}; delete it to rebuild") from exc
+
+
+# -- wiring -----------------------------------------------------------------------------------------
+def attach_teacher_cache(
+    method: nn.Module,
+    config: CacheConfig | Mapping[str, Any] | None,
+    *,
+    train_dataset: Dataset,
+    data_config: Mapping[str, Any],
+    numerics: Mapping[str, Any],
+    default_dir: str | Path,
+    epochs: int,
+) -> TeacherCache | None:
+    """Build the cache for `method`'s teacher and attach it (`method.teacher_cache`); None when the
+    mode is off or the method has no teacher. `numerics` names what changes the teacher's arithmetic
+    (precision, channels_last, teacher compile, device type)."""
+    config = CacheConfig.from_mapping(config)
+    tap = getattr(method, "teacher", None)
+    if config.mode == "off" or tap is None:
+        return None
+    if config.mode == "deterministic":
+        check_deterministic(train_dataset)
+    views = 1 if config.mode == "deterministic" else int(config.views or epochs)
+    data = {k: v for k, v in dict(data_config).items() if k != "loader"}
+    recipe = {
+        "data": data,
+        "num_samples": len(train_dataset),
+        "transform": describe_transform(train_dataset),
+        "mode": config.mode,
+        "replay": {"seed": config.seed, "views": views} if config.mode == "replay" else None,
+        "numerics": dict(numerics),
+        "dtype": config.dtype,
+    }
+    model = getattr(tap, "model", tap)
+    key, full = cache_key(model, list(getattr(tap, "taps", ["logits"])), recipe)
+    cache = TeacherCache(
+        config.dir or default_dir, key, len(train_dataset), dtype=config.dtype, verify=config.verify
+    )
+    cache.views, cache.seed, cache.mode = views, config.seed, config.mode
+    cache.folder.mkdir(parents=True, exist_ok=True)
+    meta = cache.folder / "meta.json"
+    if not meta.exists():
+        meta.write_text(json.dumps(full, indent=2, sort_keys=True, default=str) + "\n")
+    method.teacher_cache = cache
+    return cache
+
+
+def wrap_train_dataset(dataset: Dataset, cache: TeacherCache | None) -> Dataset:
+    """The training dataset the loader should serve: replayable views in replay mode, else unchanged."""
+    if cache is None or cache.mode != "replay":
+        return dataset
+    return ReplayViews(dataset, cache.seed, cache.views)
+
+
+def cache_for_run(ctx: Any, method: nn.Module, trainer: Any) -> TeacherCache | None:
+    """`attach_teacher_cache` with a run's settings: `trainer.teacher_cache`, the run's data config and
+    training split, `<paths.cache_dir>/teacher_outputs` as the default folder, and the numerics of
+    `trainer.precision` / `trainer.speed` on the run's device."""
+    from omegaconf import OmegaConf
+
+    from gendd_framework.engine.speed import SpeedConfig
+
+    config = CacheConfig.from_mapping(_plain(trainer.teacher_cache))
+    if config.mode == "off" or getattr(method, "teacher", None) is None:
+        return None
+    speed = SpeedConfig.from_mapping(_plain(trainer.speed))
+    if config.mode == "replay" and speed.persistent_workers:
+        raise ConfigError(
+            "trainer.teacher_cache.mode=replay needs trainer.speed.persistent_workers=false: persistent "
+            "workers keep the dataset copy of their first epoch and would replay that epoch's views"
+        )
+    paths = ctx.cfg.get("paths") or {}
+    root = Path(str(paths.get("cache_dir") or "~/.cache/gendd")).expanduser() / "teacher_outputs"
+    numerics = {
+        "precision": trainer.precision,
+        "channels_last": speed.channels_last,
+        "compile_teacher": speed.compile.kwargs() if speed.compile.teacher else None,
+        "device": torch.device(ctx.device).type,
+    }
+    return attach_teacher_cache(
+        method,
+        config,
+        train_dataset=ctx.data.train,
+        data_config=OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        numerics=numerics,
+        default_dir=root,
+        epochs=trainer.epochs,
+    )
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -1,0 +1,260 @@
+"""FitNets (Romero et al. ICLR'15): a regressor maps the student's guided-layer map onto the teacher's
+hint map and the squared error between them is minimised.
+
+- `fitnet` (method): CE + β·MSE(r(s), t) in one stage, as in CRD/RepDistiller/mdistiller (β = 100).
+- `fitnet` (loss term): the hint term alone, for `method=distill` compositions.
+- `fitnet_hint` (method): the hint loss only, training only the student's parameters up to the guided
+  layer plus the regressor: stage 1 of the paper (the `hint` stage builds it).
+
+Layers (`student_layers` / `teacher_layers`, one map each): `auto` is stage index 1 of each side's
+default stages (the only stage when a model has one). With the stem-less stage lists of
+`models/feature_stages.py` this is mdistiller's `hint_layer 2` of `[stem, s1, s2, ...]` on every family of
+the zoo: the middle stage of 3-stage nets (CIFAR ResNets, WRNs, ShuffleNets, digits CNNs) and the
+second stage of 4-stage ones (VGG, MobileNetV2, ResNet-50, torchvision ResNets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from gendd_framework.errors import ConfigError
+from gendd_framework.losses.fitnet import hint_mse
+from gendd_framework.methods.base import Method, split_decay
+from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.feature.layers import LayerSpec, resolve_layers
+from gendd_framework.methods.feature.projectors import ConvRegressor
+from gendd_framework.methods.terms import LossTerm, require_shapes
+from gendd_framework.models.tap import SPECIAL_TAPS, parse_tap, unknown_path_message
+from gendd_framework.registry import LOSSES, METHODS
+
+HINT_STAGE = 1  # `auto`: the second default stage (mdistiller/RepDistiller hint_layer 2 counting the stem)
+REGRESSORS = ("conv", "none")
+
+
+def hint_layer(model: nn.Module, spec: LayerSpec, input_shape: Any, key: str) -> str:
+    """The one tap FitNet reads on `model`: `auto` -> default stage HINT_STAGE (or the only stage)."""
+    if spec is None or spec == "auto":
+        stages = resolve_layers(model, "auto", input_shape, key)
+        return stages[min(HINT_STAGE, len(stages) - 1)]
+    layers = resolve_layers(model, spec, input_shape, key)
+    if len(layers) != 1:
+        raise ConfigError(f"fitnet guides one layer per side, but `{key}` selects {layers}")
+    if layers[0] in SPECIAL_TAPS:
+        raise ConfigError(
+            f"fitnet reads a feature map: `{key}` must be a stage index or a module path, got '{layers[0]}'"
+        )
+    return layers[0]
+
+
+@LOSSES.register("fitnet")
+class FitNetHint(LossTerm):
+    """MSE(r(student guided map), teacher hint map); r = conv+BN+ReLU regressor sized from the probe."""
+
+    def __init__(
+        self, student_layers: LayerSpec = "auto", teacher_layers: LayerSpec = "auto", regressor: str = "conv"
+    ) -> None:
+        super().__init__()
+        if regressor not in REGRESSORS:
+            raise ConfigError(f"fitnet regressor must be one of {REGRESSORS}, got '{regressor}'")
+        self.student_layers, self.teacher_layers = student_layers, teacher_layers
+        self.regressor_kind = regressor
+        self.regressor: nn.Module = nn.Identity()
+
+    def bind(self, student, teacher, facts) -> None:
+        shape = facts.get("input_shape")
+        self.student_taps = (hint_layer(student, self.student_layers, shape, "student_layers"),)
+        self.teacher_taps = (hint_layer(teacher, self.teacher_layers, shape, "teacher_layers"),)
+
+    def setup(self, shapes) -> None:
+        shapes = require_shapes(shapes, "fitnet")
+        (s_tap,), (t_tap,) = self.student_taps, self.teacher_taps
+        s_shape, t_shape = tuple(shapes["student"][s_tap]), tuple(shapes["teacher"][t_tap])
+        where = f"`student_layers` {s_tap} gives {s_shape}, `teacher_layers` {t_tap} gives {t_shape}"
+        if len(s_shape) != 3 or len(t_shape) != 3:
+            raise ConfigError(f"fitnet needs (C, H, W) maps: {where}")
+        if self.regressor_kind == "none":
+            if s_shape != t_shape:
+                raise ConfigError(f"fitnet regressor: none needs equal maps: {where}")
+            return
+        try:
+            self.regressor = ConvRegressor(s_shape, t_shape)
+        except ConfigError as exc:
+            raise ConfigError(f"fitnet: {where}; {exc}") from None
+
+    def forward(self, student, teacher, batch, ctx) -> torch.Tensor:
+        (s_tap,), (t_tap,) = self.student_taps, self.teacher_taps
+        regressed, target = self.regressor(student[s_tap]), teacher[t_tap]
+        work = torch.promote_types(regressed.dtype, torch.float32)  # the squared error in fp32 at least
+        return hint_mse(regressed.to(work), target.to(work))
+
+
+@METHODS.register("fitnet")
+def fitnet(
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_samples: int | None = None,
+    ce_weight: float = 1.0,
+    feature_weight: float = 100.0,
+    student_layers: LayerSpec = "auto",
+    teacher_layers: LayerSpec = "auto",
+    regressor: str = "conv",
+):
+    """CE + β·MSE(r(s), t) on one hint layer per side (CIFAR-100 defaults: β=100, the second stage)."""
+    return WeightedLossMethod(
+        student,
+        teacher,
+        [
+            {"name": "ce", "weight": ce_weight},
+            {
+                "name": "fitnet",
+                "weight": feature_weight,
+                "student_layers": student_layers,
+                "teacher_layers": teacher_layers,
+                "regressor": regressor,
+            },
+        ],
+        input_shape=input_shape,
+        num_samples=num_samples,
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block (probes must not move BN statistics), its mode restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+class _GuidedLayerReached(Exception):
+    """Raised by a temporary hook to end a forward at the guided layer: nothing after it is run."""
+
+
+def forward_until(model: nn.Module, tap: str, x: torch.Tensor) -> torch.Tensor:
+    """The output (or `:input`) of the module `tap` names, stopping the forward right there.
+
+    Layers after it never run, so they get no gradient and, in train mode, their BN statistics do not
+    move. The hook lives for this call only: the model is handed to later stages untouched."""
+    _key, path, io = parse_tap(tap)
+    module = dict(model.named_modules()).get(path) if path else None
+    if module is None or path in SPECIAL_TAPS:
+        raise ConfigError(unknown_path_message(model, path))
+    seen: dict[str, torch.Tensor] = {}
+
+    def stop(_module, inputs, output=None):
+        seen["value"] = inputs[0] if io == "input" else output
+        raise _GuidedLayerReached
+
+    if io == "input":
+        handle = module.register_forward_pre_hook(stop)
+    else:
+        handle = module.register_forward_hook(stop)
+    # a model compiled in place (`trainer.speed.compile`) would run its traced graph, which neither
+    # sees a hook added now nor can stop half-way: call its eager forward (hooks included) instead
+    call = model._call_impl if getattr(model, "_compiled_call_impl", None) is not None else model
+    try:
+        call(x)
+    except _GuidedLayerReached:
+        pass
+    finally:
+        handle.remove()
+    if "value" not in seen:
+        raise ConfigError(f"layer '{tap}' of {type(model).__name__} did not run in its forward")
+    return seen["value"]
+
+
+class FitNetHintMethod(Method):
+    """Stage 1 of FitNets: loss = MSE(r(student guided map), teacher hint map), nothing else.
+
+    Only the student's parameters on the path to the guided layer (found by one probe backward at
+    build) and the regressor are optimised; both models stop their forward at the hint layers."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        input_shape: tuple[int, ...] | None = None,
+        student_layers: LayerSpec = "auto",
+        teacher_layers: LayerSpec = "auto",
+        regressor: str = "conv",
+    ) -> None:
+        if teacher is None:
+            raise ConfigError("fitnet_hint regresses a teacher's hint map: build it with a teacher")
+        term = FitNetHint(student_layers, teacher_layers, regressor)
+        term.bind(student, teacher, {"input_shape": input_shape, "num_samples": None})
+        # no hook taps: both forwards stop at the hint layers (`forward_until`), the models stay untouched
+        super().__init__(student, teacher, teacher_taps=("logits",), input_shape=input_shape)
+        self.term = term
+        (self.guided,), (self.hint,) = term.student_taps, term.teacher_taps
+        if input_shape is None:
+            raise ConfigError("fitnet_hint sizes its regressor from a probe: build it with input_shape")
+        example = torch.zeros(2, *input_shape, device=self._device())
+        with torch.no_grad(), eval_mode(student):
+            shapes = {
+                "student": {self.guided: tuple(forward_until(student, self.guided, example).shape[1:])},
+                "teacher": {self.hint: tuple(forward_until(teacher, self.hint, example).shape[1:])},
+            }
+        term.setup(shapes)
+        self.hint_parameter_names = self._hint_path(example)
+
+    def _hint_path(self, example: torch.Tensor) -> list[str]:
+        """Names of the trainable student parameters the guided map depends on (one probe backward)."""
+        model = self.student.model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with torch.enable_grad(), eval_mode(model):
+            out = forward_until(model, self.guided, example)
+            params = [p for _, p in named]
+            tracked = params and out.requires_grad  # else: nothing trainable before the guided layer
+            grads = torch.autograd.grad(out.sum(), params, allow_unused=True) if tracked else []
+        names = [n for (n, _), g in zip(named, grads) if g is not None]
+        if not names:
+            raise ConfigError(
+                f"fitnet_hint: the guided layer '{self.guided}' depends on no trainable student parameter; "
+                "pick a deeper `student_layers`"
+            )
+        return names
+
+    def training_step(self, batch: Mapping[str, Any], ctx) -> dict[str, torch.Tensor]:
+        x = batch["input"]
+        with torch.no_grad():
+            hint = forward_until(self.teacher.model, self.hint, x)
+        guided = forward_until(self.student.model, self.guided, x)
+        loss = self.term({self.guided: guided}, {self.hint: hint}, batch, ctx)
+        return {"loss": loss, "hint": loss.detach()}
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The hint path and the regressor only: later layers are not handed to the optimizer at all."""
+        params = dict(self.student.model.named_parameters())
+        allowed = {id(params[n]) for n in self.hint_parameter_names} | {id(p) for p in self.term.parameters()}
+        decay, no_decay = split_decay(self.trainable_modules(), self.no_decay_modules())
+        kept = [p for p in decay if id(p) in allowed]
+        groups = [{"params": kept, "weight_decay": weight_decay, "group": "decay"}]
+        kept_no_decay = [p for p in no_decay if id(p) in allowed]
+        if kept_no_decay:
+            groups.append({"params": kept_no_decay, "weight_decay": 0.0, "group": "no_decay"})
+        return groups
+
+    def extra_repr(self) -> str:
+        return f"loss = mse(regressor({self.guided}), teacher {self.hint})"
+
+
+@METHODS.register("fitnet_hint")
+def fitnet_hint(
+    student: nn.Module,
+    teacher: nn.Module | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    student_layers: LayerSpec = "auto",
+    teacher_layers: LayerSpec = "auto",
+    regressor: str = "conv",
+) -> FitNetHintMethod:
+    """FitNets stage 1: the hint MSE only, on the student's guided path plus the regressor."""
+    return FitNetHintMethod(student, teacher, input_shape, student_layers, teacher_layers, regressor)
