@@ -34,7 +34,7 @@ demo: install
 	$(BIN)/gendd-report $(DEMO)/runs
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 lint: install
 	$(BIN)/ruff check src tests registry benchmarks examples

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from _common import machine_info, md_table, median_time, results_dir, write_outputs
+from gendd_framework.context import StepContext
 from gendd_framework.models import build_model
 from gendd_framework.plugins import load_plugins
 from gendd_framework.registry import METHODS
@@ -68,10 +69,11 @@ def bench_train(cfg: dict[str, int]) -> dict[str, Any]:
     method = build_gendd(cfg["mul"]).train()
     opt = torch.optim.AdamW(method.param_groups(5e-4), lr=1e-3)
     x, y = torch.randn(cfg["batch"], 3, 32, 32), torch.randint(0, NUM_CLASSES, (cfg["batch"],))
+    batch = {"input": x, "target": y, "index": torch.arange(len(y)), "all_labelled": True}
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        method.training_step((x, y))["loss"].backward()
+        method.training_step(batch, StepContext())["loss"].backward()
         opt.step()
 
     rss0, max0 = rss_mib(), maxrss_mib()

@@ -36,6 +36,12 @@ CIFAR_PAIRS = [
     ("wrn_40_2", "wrn_40_1", 0.8, 30, 2),
 ]
 # experiment, teacher model, student model, warmup epochs, tokens n: the official ImageNet recipes
+# the method-independent pairs of the CIFAR-100 KD literature (CRD/RepDistiller tables) + a ViT student
+METHOD_INDEPENDENT_PAIRS = [
+    "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32",
+    "resnet32x4_resnet8x4", "vgg13_vgg8", "vgg13_mobilenetv2", "resnet50_mobilenetv2", "resnet50_vgg8",
+    "resnet32x4_shufflev1", "resnet32x4_shufflev2", "wrn_40_2_shufflev1", "resnet32x4_vit_tiny",
+]  # fmt: skip
 IMAGENET_PAIRS = [
     ("imagenet/gendd_resnet34_resnet18", "tv:resnet34", "tv:resnet18", 10, 8),
     ("imagenet/gendd_resnet50_mobilenet", "tv:resnet50", "tv:mobilenet_v2", 20, 32),
@@ -80,6 +86,7 @@ def build_method(cfg, num_classes, **method_overrides):
 
 def test_every_pair_of_the_spec_has_a_recipe_and_nothing_else():
     expected = {f"cifar100/gendd_{t}_{s}" for t, s, *_ in CIFAR_PAIRS} | {e for e, *_ in IMAGENET_PAIRS}
+    expected |= {f"cifar100/{pair}" for pair in METHOD_INDEPENDENT_PAIRS} | {"imagenet/resnet34_resnet18"}
     recipes = {r for r in RECIPE_FILES if not r.rsplit("/", 1)[-1].startswith("_")}
     assert recipes == expected
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from gendd_framework.errors import ConfigError
 
@@ -49,18 +49,27 @@ class ReplayViews(Dataset):
         return sample
 
 
-def draw(dataset: Dataset, i: int, seed: int) -> Any:
-    """`dataset[i]` with torch, Python and NumPy RNGs seeded by `seed`, all restored afterwards."""
-    py_state, np_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            return dataset[i]
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+def draw(dataset: Dataset, i: int, seed: int, restore: bool | None = None) -> Any:
+    """`dataset[i]` with the CPU torch, Python and NumPy RNGs seeded by `seed`.
+
+    The previous states are restored afterwards in the main process (the training step keeps its own
+    random streams); a DataLoader worker skips that (~70 µs per sample: every sample it loads in
+    replay mode is seeded anyway). `restore` forces either behaviour."""
+    if restore is None:
+        restore = get_worker_info() is None
+    gen = torch.default_generator  # the CPU generator alone (torch.manual_seed also seeds accelerators)
+    if restore:
+        states = gen.get_state(), random.getstate(), np.random.get_state()
+    gen.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    try:
+        return dataset[i]
+    finally:
+        if restore:
+            gen.set_state(states[0])
+            random.setstate(states[1])
+            np.random.set_state(states[2])
 
 
 def check_deterministic(dataset: Dataset, probes: int = 4) -> None:
