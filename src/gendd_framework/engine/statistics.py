@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from gendd_framework.context import distill_targets, to_device
 from gendd_framework.engine.checkpoint import atomic_save
-from gendd_framework.engine.distributed import is_main_process
 from gendd_framework.engine.checkpoint import load as load_checkpoint
+from gendd_framework.engine.distributed import is_main_process
 from gendd_framework.models.tap import FeatureTap, find_classifier
 
 
