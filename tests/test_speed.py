@@ -232,6 +232,24 @@ def test_head_checkpointing_gradients_equal_the_plain_ones_in_float64():
         assert torch.allclose(ga, gb, rtol=1e-12, atol=1e-12)
 
 
+def test_head_keeps_a_float32_interface_under_bf16_autocast():
+    """Input projection, residual stream and output projection stay float32 under autocast, the
+    blocks' matrix products run in bf16, and the result stays close to the float32 head's."""
+    torch.manual_seed(0)
+    head = MLPAdaLNHead(token_dim=4, cond_dim=6, num_positions=2, width=32, depth=2)
+    for p in head.parameters():
+        nn.init.normal_(p, std=0.2)
+    seen = {}
+    head.input_proj.register_forward_hook(lambda m, i, o: seen.update(proj=o.dtype))
+    head.blocks[0].mlp[0].register_forward_hook(lambda m, i, o: seen.update(block=o.dtype))
+    x, t, z = torch.randn(3, 5, 2, 4), torch.randint(0, 1000, (3, 5, 2)), torch.randn(5, 6)
+    reference = head(x, t, z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = head(x, t, z)
+    assert out.dtype == torch.float32 and seen == {"proj": torch.float32, "block": torch.bfloat16}
+    assert torch.allclose(out, reference, rtol=0.05, atol=0.05 * reference.abs().max().item())
+
+
 # -- fp16 grad scaler: exact resume -----------------------------------------------------------------
 class ConvCE(nn.Module):
     primary_output = "student"

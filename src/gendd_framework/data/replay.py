@@ -10,9 +10,10 @@ teacher output with the very augmented input the student sees.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,33 +44,53 @@ class ReplayViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
-        sample = draw(self.dataset, i, sample_seed(self.seed, self.view, i))
-        sample = dict(sample)
-        sample["view"] = self.view
-        return sample
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch of samples (the DataLoader's batched fetch): the RNG states are saved and restored
+        once per batch, each sample still drawn from its own seed."""
+        with preserved_rngs(get_worker_info() is None):
+            return [
+                {
+                    **_seeded(self.dataset, int(i), sample_seed(self.seed, self.view, int(i))),
+                    "view": self.view,
+                }
+                for i in indices
+            ]
+
+
+@contextlib.contextmanager
+def preserved_rngs(enabled: bool = True) -> Iterator[None]:
+    """Restore the CPU torch, Python and NumPy RNG states on exit (when `enabled`)."""
+    if not enabled:
+        yield
+        return
+    gen = torch.default_generator
+    states = gen.get_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        gen.set_state(states[0])
+        random.setstate(states[1])
+        np.random.set_state(states[2])
+
+
+def _seeded(dataset: Dataset, i: int, seed: int) -> Any:
+    # the CPU generator alone: torch.manual_seed would also seed every accelerator (slow, pointless)
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    return dataset[i]
 
 
 def draw(dataset: Dataset, i: int, seed: int, restore: bool | None = None) -> Any:
     """`dataset[i]` with the CPU torch, Python and NumPy RNGs seeded by `seed`.
 
     The previous states are restored afterwards in the main process (the training step keeps its own
-    random streams); a DataLoader worker skips that (~70 µs per sample: every sample it loads in
-    replay mode is seeded anyway). `restore` forces either behaviour."""
-    if restore is None:
-        restore = get_worker_info() is None
-    gen = torch.default_generator  # the CPU generator alone (torch.manual_seed also seeds accelerators)
-    if restore:
-        states = gen.get_state(), random.getstate(), np.random.get_state()
-    gen.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        return dataset[i]
-    finally:
-        if restore:
-            gen.set_state(states[0])
-            random.setstate(states[1])
-            np.random.set_state(states[2])
+    random streams); a DataLoader worker skips that (every sample it loads in replay mode is seeded
+    anyway). `restore` forces either behaviour."""
+    with preserved_rngs(get_worker_info() is None if restore is None else restore):
+        return _seeded(dataset, i, seed)
 
 
 def check_deterministic(dataset: Dataset, probes: int = 4) -> None:

@@ -161,10 +161,20 @@ class TeacherCache:
     """Teacher taps by (view, index) in `root/key/view_<v>.pt`; see the module docstring."""
 
     def __init__(
-        self, root: str | Path, key: str, num_samples: int, *, dtype: str | None = None, verify: bool = True
+        self,
+        root: str | Path,
+        key: str,
+        num_samples: int,
+        *,
+        dtype: str | None = None,
+        verify: bool = True,
+        mode: str = "deterministic",
+        seed: int = 0,
+        views: int = 1,
     ) -> None:
         self.folder = Path(root).expanduser() / key
         self.key, self.num_samples, self.verify = key, int(num_samples), verify
+        self.mode, self.seed, self.views = mode, int(seed), int(views)  # how the loader draws views
         self.dtype = DTYPES[dtype] if dtype else None
         self.view: int | None = None
         self.store: ViewStore | None = None
@@ -299,9 +309,15 @@ def attach_teacher_cache(
     model = getattr(tap, "model", tap)
     key, full = cache_key(model, list(getattr(tap, "taps", ["logits"])), recipe)
     cache = TeacherCache(
-        config.dir or default_dir, key, len(train_dataset), dtype=config.dtype, verify=config.verify
+        config.dir or default_dir,
+        key,
+        len(train_dataset),
+        dtype=config.dtype,
+        verify=config.verify,
+        mode=config.mode,
+        seed=config.seed,
+        views=views,
     )
-    cache.views, cache.seed, cache.mode = views, config.seed, config.mode
     cache.folder.mkdir(parents=True, exist_ok=True)
     meta = cache.folder / "meta.json"
     if not meta.exists():

@@ -42,6 +42,21 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return emb
 
 
+def full_precision(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn(*tensors)` in float32 with autocast off; a plain call outside autocast.
+
+    Under bf16/fp16 autocast the head keeps its interface in float32: the token input projection (so
+    the residual stream stays float32: each block adds its low-precision update to a float32 h) and
+    the output projection. At small t the noise is a ~1% perturbation of x_t that bf16's 8-bit mantissa
+    (0.4% steps) would mostly round away, and the predicted ε is what the sampler integrates. Both
+    projections are ~1% of the head's multiply-adds; the blocks' matrix products stay low precision."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return fn(*tensors)
+    with torch.autocast(device_type=device, enabled=False):
+        return fn(*(t.float() for t in tensors))
+
+
 class TimestepEmbedder(nn.Module):
     """Raw timestep index -> sinusoid(freq_dim) -> Linear -> SiLU -> Linear (width W)."""
 
@@ -80,7 +95,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         shift, scale = self.modulation(y).chunk(2, dim=-1)
-        return self.linear(self.norm(h) * (1 + scale) + shift)
+        return full_precision(self.linear, self.norm(h) * (1 + scale) + shift)
 
 
 HeadModelFn = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
@@ -194,7 +209,7 @@ class MLPAdaLNHead(nn.Module):
 
     def denoise(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The trunk: tokens x (…, k) under conditioning y (broadcastable to (…, W)); broadcast output."""
-        h = self.input_proj(x)
+        h = full_precision(self.input_proj, x)  # float32 residual stream under autocast (see above)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, y, use_reentrant=False)
