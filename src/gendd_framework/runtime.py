@@ -75,8 +75,13 @@ class RunContext:
             sampler=sampler,
             drop_last=train and len(sampler) > self.loader_cfg["batch_size"],
             # workers, pinning, persistence (train workers restart each epoch unless trainer.speed says)
-            **loader_options(self.loader_cfg["num_workers"], pin, train=train, device=self.device,
-                             speed=(self.cfg.get("trainer") or {}).get("speed")),  # fmt: skip
+            **loader_options(
+                self.loader_cfg["num_workers"],
+                pin,
+                train=train,
+                device=self.device,
+                speed=(self.cfg.get("trainer") or {}).get("speed"),
+            ),  # fmt: skip
             worker_init_fn=seed_worker,
             generator=generator,
         )
