@@ -35,6 +35,9 @@ from gendd_framework.runtime import RunContext, fit_method
 TEACHER_NEUTRAL_DATA_KEYS = ("label_fraction",)
 TEACHER_NEUTRAL_LOADER_KEYS = ("eval_batch_size", "num_workers", "pin_memory")
 TEACHER_EVAL_EVERY = 1  # teachers select their best epoch on every epoch's validation
+# Bumped whenever the training loop's arithmetic changes for the same config, so a teacher cached by
+# earlier code is retrained rather than reused (2: the train split is drawn by a DistributedSampler).
+TEACHER_RECIPE_VERSION = 2
 
 
 def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) -> str:
@@ -51,6 +54,7 @@ def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) ->
         "train": node.get("train"),
         "loop": {k: ctx.cfg.trainer.get(k) for k in ("accum_steps", "precision", "grad_clip")},
         "eval_every": TEACHER_EVAL_EVERY,
+        "version": TEACHER_RECIPE_VERSION,
     }
     world_size = distributed.info().world_size
     if world_size > 1:  # DDP trains on world_size x batch_size samples per step: another teacher

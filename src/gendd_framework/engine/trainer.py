@@ -72,6 +72,14 @@ def all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.isfinite(v).all().to(device) for v in losses.values()]).all()
 
 
+def stack_scalars(losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The losses as one float vector when every entry is a scalar on one device, else None."""
+    values = list(losses.values())
+    if any(v.ndim != 0 for v in values) or len({v.device for v in values}) != 1:
+        return None
+    return torch.stack([v.float() for v in values])
+
+
 def all_finite_list(pending: list[dict[str, torch.Tensor]]) -> bool:
     return all(bool(all_finite(losses)) for losses in pending)
 
@@ -307,6 +315,8 @@ class Trainer:
         accum = max(1, self.cfg.accum_steps)
         steps_per_epoch = optimizer_steps_per_epoch(len(self.train_loader), accum)
         running: dict[str, torch.Tensor] = {}
+        keys: list[str] | None = None  # running sums as one vector over these keys (see below)
+        vector: torch.Tensor | None = None
         pending: list[dict[str, torch.Tensor]] = []  # losses of the micro-batches since the last update
         finite: torch.Tensor | None = None
         count, started = 0, time.perf_counter()
@@ -327,20 +337,31 @@ class Trainer:
                     with autocast_context(self.device, self.cfg.precision):
                         losses = self.runner(batch, ctx)
                     detached = {k: v.detach() for k, v in losses.items()}
-                    ok = all_finite(detached)
+                    # one stacked vector per step for the finite check and the running sums
+                    values = stack_scalars(detached)
+                    ok = torch.isfinite(values).all() if values is not None else all_finite(detached)
                     finite = ok if finite is None else finite & ok
                     pending.append(detached)
-                    self.scaler.scale(losses["loss"] / accum).backward()
+                    loss = losses["loss"] if accum == 1 else losses["loss"] / accum
+                    (self.scaler.scale(loss) if self.scaler.is_enabled() else loss).backward()
                 if update:
                     if not distributed.all_true(finite):  # the one host sync per optimizer step
                         self.stop_non_finite(pending)
                     self.optimizer_step(total_steps)
                     pending, finite = [], None
-                for k, v in detached.items():  # summed on device: no host sync per step
-                    running[k] = running.get(k, 0.0) + v.float()
+                if values is not None and keys in (None, list(detached)):
+                    keys = list(detached)  # the usual case: same scalar keys every step, one vector add
+                    vector = values if vector is None else vector + values
+                else:  # keys changed or non-scalar entries: per-key sums (on device, no host sync)
+                    for k, v in detached.items():
+                        running[k] = running.get(k, 0.0) + v.float()
                 count += 1
                 if not bar.disable and (count % self.cfg.log_every == 0 or i + 1 == len(self.train_loader)):
-                    bar.set_postfix(loss=f"{running['loss'].item() / count:.4f}")
+                    loss_sum = vector[keys.index("loss")] if keys else running["loss"]
+                    bar.set_postfix(loss=f"{float(loss_sum) / count:.4f}")
+        if vector is not None:
+            for k, v in zip(keys, vector):
+                running[k] = running.get(k, 0.0) + v
         elapsed = time.perf_counter() - started
         totals, count = distributed.mean_over_ranks({k: float(v) for k, v in running.items()}, count)
         record = {
