@@ -235,7 +235,7 @@ def plot(records: list[dict[str, Any]], teacher_acc: float, path: Path) -> None:
                     ax.bar(xs, ms, 0.4, yerr=ss, capsize=3, color=colour, label=f"{out} logits")
             if metric == "acc":
                 ax.axhline(teacher_acc, color="k", ls="--", lw=1, label=f"teacher ({teacher_acc:.2f})")
-            ax.set_ylim(60, 100.5)
+            ax.set_ylim(20 if "ViT" in group_title else 60, 100.5)
             ax.set_xticks(range(len(group)), labels, fontsize=7, rotation=35, ha="right")
             ax.set_title(f"{group_title}: {title}", fontsize=9)
             ax.legend(fontsize=7, loc="lower right")
