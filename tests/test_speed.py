@@ -62,7 +62,7 @@ def grads(module: nn.Module) -> list[torch.Tensor]:
 # -- config -----------------------------------------------------------------------------------------
 def test_speed_config_defaults_and_one_line_errors():
     cfg = SpeedConfig.from_mapping(None)
-    assert not cfg.channels_last and not cfg.compile.any and cfg.teacher_mode == "inference"
+    assert not cfg.channels_last and not cfg.compile.any and cfg.teacher_mode == "no_grad"
     assert SpeedConfig.from_mapping({"compile": {"head": True, "mode": "max-autotune"}}).compile.head
     cases = [
         ({"channel_last": True}, "did you mean 'channels_last'"),
@@ -117,8 +117,9 @@ def test_channels_last_converts_weights_and_inputs_and_keeps_the_maths():
 def test_inference_mode_teacher_outputs_are_ordinary_tensors():
     method = kd_method(8, name="distill", losses=[{"name": "ce"}, {"name": "feature_mse"}])
     x = batch()["input"]
+    assert method.teacher_grad_mode == "no_grad"  # the default; inference mode is opt-in
+    method.teacher_grad_mode = "inference"
     out = method.teacher_outputs(x)
-    assert method.teacher_grad_mode == "inference"
     assert all(not v.is_inference() and not v.requires_grad for v in out.values())
     student = method.student(x)
     # a product saves the teacher tensor for backward: an inference tensor would raise here

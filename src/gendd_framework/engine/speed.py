@@ -9,9 +9,10 @@ separate `trainer.precision`). What each option does and when it pays off:
 - `compile: {student, teacher, head, mode, backend, dynamic, fullgraph}`: `nn.Module.compile` in place
   (state-dict keys stay unchanged, so checkpoints are interchangeable with eager runs). The first steps
   pay the compilation; shapes that change (the last eval batch) recompile once.
-- `teacher_mode`: `inference` runs the frozen teacher under `torch.inference_mode()` and returns clones
-  (normal tensors terms may combine with student tensors in autograd-recorded ops); `no_grad` is the
-  classic `torch.no_grad()`.
+- `teacher_mode`: `no_grad` (default) runs the frozen teacher under `torch.no_grad()`; `inference` uses
+  `torch.inference_mode()` and returns clones (normal tensors terms may combine with student tensors in
+  autograd-recorded ops). The clones copy every tap each step and measured no faster on CPU, so
+  `inference` is opt-in (it may help on GPU).
 - `head_checkpointing`: recompute the generative head's blocks in backward (activation memory for
   about one extra head forward); only methods with a `head` exposing `grad_checkpointing` use it.
 - `persistent_workers`: keep train-loader workers alive across epochs. Off by default because
@@ -110,7 +111,7 @@ class SpeedConfig:
 
     channels_last: bool = False
     compile: CompileOptions = field(default_factory=CompileOptions)
-    teacher_mode: str = "inference"
+    teacher_mode: str = "no_grad"
     head_checkpointing: bool = False
     persistent_workers: bool = False
     prefetch_factor: int | None = None
@@ -125,7 +126,7 @@ class SpeedConfig:
         for key in ("channels_last", "head_checkpointing", "persistent_workers"):
             if key in node:
                 _flag(node[key], f"trainer.speed.{key}")
-        if node.get("teacher_mode", "inference") not in TEACHER_MODES:
+        if node.get("teacher_mode", "no_grad") not in TEACHER_MODES:
             raise ConfigError(
                 f"config key 'trainer.speed.teacher_mode' = {node['teacher_mode']!r}: must be one of "
                 + ", ".join(TEACHER_MODES)

@@ -81,7 +81,7 @@ class Method(nn.Module):
         self._shapes: dict[str, dict[str, tuple[int, ...]]] | None = None
         # how `teacher_outputs` runs the frozen teacher (trainer.speed.teacher_mode) and an optional
         # teacher-output cache (engine/teacher_cache.py); plain attributes, not saved with the weights
-        self.teacher_grad_mode = "inference"
+        self.teacher_grad_mode = "no_grad"
         self.teacher_cache: Any = None
 
     def train(self, mode: bool = True) -> Method:
@@ -116,9 +116,10 @@ class Method(nn.Module):
 
         With a teacher-output cache attached (`trainer.teacher_cache`) and the `batch` given, the taps
         of samples seen before (same `index` and augmentation `view`) are read instead of recomputed.
-        `teacher_grad_mode="inference"` (the default) runs the forward under `torch.inference_mode()`
-        and returns clones: inference tensors may not be saved for backward, and terms multiply teacher
-        taps with student tensors (KD's p_t * log p_s); a clone is an ordinary tensor without history.
+        `teacher_grad_mode="no_grad"` (the default) runs it under `torch.no_grad()`; `"inference"`
+        runs it under `torch.inference_mode()` and returns clones: inference tensors may not be saved
+        for backward, and terms multiply teacher taps with student tensors (KD's p_t * log p_s); a
+        clone is an ordinary tensor without history.
         """
         if self.teacher is None:
             raise ConfigError(f"{type(self).__name__} was built without a teacher")
