@@ -43,6 +43,7 @@ from gendd_framework.plugins import load_plugins
 from gendd_framework.registry import METHODS
 
 ALPHA, BETA, TAU, LR, MOMENTUM, WD = 0.1, 0.9, 4.0, 0.05, 0.9, 5e-4
+CPU = torch.device("cpu")  # benchmarks/gpu_check.py passes a CUDA device to the builders below
 SHAPES = {
     "cifar": {
         "teacher": {"name": "resnet32x4"},
@@ -67,12 +68,12 @@ class NullLogger(MetricLogger):
         pass
 
 
-def models(shape: dict, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+def models(shape: dict, seed: int = 0, device: torch.device = CPU) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(seed)
-    teacher = build_model(shape["teacher"], num_classes=shape["classes"]).eval()
+    teacher = build_model(shape["teacher"], num_classes=shape["classes"]).eval().to(device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    student = build_model(shape["student"], num_classes=shape["classes"]).train()
+    student = build_model(shape["student"], num_classes=shape["classes"]).train().to(device)
     return teacher, student
 
 
@@ -84,8 +85,8 @@ def bare_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_bare(shape: dict, batches: list[dict], grad_mode) -> callable:
-    teacher, student = models(shape)
+def make_bare(shape: dict, batches: list[dict], grad_mode, device: torch.device = CPU) -> callable:
+    teacher, student = models(shape, device=device)
     opt = torch.optim.SGD(bare_groups(student), lr=LR, momentum=MOMENTUM)
 
     def run(steps: int) -> None:
@@ -105,16 +106,16 @@ def make_bare(shape: dict, batches: list[dict], grad_mode) -> callable:
     return run
 
 
-def build_method(shape: dict):
-    teacher, student = models(shape)
+def build_method(shape: dict, device: torch.device = CPU):
+    teacher, student = models(shape, device=device)
     method = METHODS.build(
         {"name": "kd", "alpha": ALPHA, "beta": BETA, "temperature": TAU}, student=student, teacher=teacher
     )
     return method.train()
 
 
-def make_method(shape: dict, batches: list[dict]) -> callable:
-    method = build_method(shape)
+def make_method(shape: dict, batches: list[dict], device: torch.device = CPU) -> callable:
+    method = build_method(shape, device)
     opt = sgd(method.param_groups(WD), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     ctx = StepContext()
 
@@ -127,8 +128,8 @@ def make_method(shape: dict, batches: list[dict]) -> callable:
     return run
 
 
-def make_trainer(shape: dict, batches: list[dict], tmp: str) -> callable:
-    method = build_method(shape)
+def make_trainer(shape: dict, batches: list[dict], tmp: str, device: torch.device = CPU) -> callable:
+    method = build_method(shape, device)
     opt = sgd(method.param_groups(WD), lr=LR, momentum=MOMENTUM, weight_decay=WD)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     cfg = TrainerConfig(epochs=1, progress=False)
@@ -145,7 +146,7 @@ def make_trainer(shape: dict, batches: list[dict], tmp: str) -> callable:
                 loader,
                 None,
                 config=cfg,
-                device=torch.device("cpu"),
+                device=device,
                 ckpt_dir=tmp,
                 stage="bench",
                 logger=NullLogger(),
@@ -157,13 +158,13 @@ def make_trainer(shape: dict, batches: list[dict], tmp: str) -> callable:
     return run
 
 
-def make_batches(shape: dict, batch: int, count: int = 2) -> list[dict]:
+def make_batches(shape: dict, batch: int, count: int = 2, device: torch.device = CPU) -> list[dict]:
     gen = torch.Generator().manual_seed(1)
     out = []
     for _ in range(count):
         x = torch.randn(batch, *shape["input"], generator=gen)
         y = torch.randint(0, shape["classes"], (batch,), generator=gen)
-        out.append(to_device({"input": x, "target": y, "index": torch.arange(batch)}, torch.device("cpu")))
+        out.append(to_device({"input": x, "target": y, "index": torch.arange(batch)}, device))
     return out
 
 
