@@ -1,0 +1,1 @@
+"""Analyses of a trained run beyond its accuracy: what the student took from its teacher (`probes`)."""
