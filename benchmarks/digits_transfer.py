@@ -46,8 +46,8 @@ METHODS: list[tuple[str, str, list[str], str]] = [
     ("dist", "DIST", [*TRANSFER, "method=dist"], "distill"),
     ("wkd_l", "WKD-L", [*TRANSFER, "method=wkd_l"], "distill"),
     ("pld", "PLD", [*TRANSFER, "method=pld"], "distill"),
-    ("meal_v2", "MEAL V2 (3-teacher ensemble)", [*TRANSFER, "method=meal_v2", "teacher=digits_ensemble"],
-     "distill"),
+    ("meal_v2", "MEAL V2 (3-teacher ensemble)",
+     [*TRANSFER, "method=meal_v2", "teacher=digits_ensemble", "method.discriminator=false"], "distill"),
     (
         "meal_v2_disc",
         "MEAL V2 + discriminator",

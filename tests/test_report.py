@@ -36,6 +36,7 @@ def kd_summary(seed: int) -> dict:
             "val": {"acc/student": 91.0 + seed},
             "test": test,
             "test_last": {**test, "acc/student": 89.0 + 0.5 * seed},
+            "select": "acc/student",
         },
     }
 
@@ -59,6 +60,7 @@ def gendd_summary(seed: int) -> dict:
             "val": {"acc/student": 81.0},
             "test": test,
             "test_last": {"acc/student": 79.0 + seed, "acc/generative": 80.0 + 2 * seed},
+            "select": "acc/generative",  # GenDD selects on its generative output
         },
     }
 
@@ -115,6 +117,8 @@ def test_default_columns(runs):
     metrics = default_metrics(collect(runs))
     assert metrics == [
         "teacher/test/acc/student",
+        "distill/test/acc/primary",
+        "distill/test_last/acc/primary",
         "distill/test/acc/student",
         "distill/test_last/acc/student",
         "distill/test/acc/generative",
@@ -181,12 +185,15 @@ def test_main_writes_out(runs, tmp_path, capsys):
     main([str(runs), "--format", "csv", "--out", str(out)])
     assert out.read_text() == capsys.readouterr().out
     header = out.read_text().splitlines()[0].split(",")
-    assert header[:4] == ["method", "runs", "teacher acc", "teacher acc std"]
+    assert header[:5] == ["method", "runs", "primary output", "teacher acc", "teacher acc std"]
     assert "last acc student" in header
 
     md = tmp_path / "report.md"
     main([str(runs), "--out", str(md)])
-    assert "| method | runs | teacher acc | acc student | last acc student |" in md.read_text()
+    head = (
+        "| method | runs | primary output | teacher acc | acc (primary) | last acc (primary) | acc student |"
+    )
+    assert head in md.read_text()
 
 
 def test_main_without_runs(tmp_path):
@@ -304,3 +311,46 @@ def test_only_failed_jobs_still_says_why(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no summary.json"):
         main([str(tmp_path)])
     assert "ConfigError: bad [stage distill, step 7]" in capsys.readouterr().err
+
+
+def test_accuracy_column_is_each_runs_primary_output(runs):
+    """KD selects on its student logits, GenDD on its generative output: `acc (primary)` shows each
+    row's own primary output (never GenDD's CE head), named in `primary output`; both outputs stay
+    available as extra columns."""
+    text = render(collect(runs), default_metrics(collect(runs)))
+    table = md_rows(text)
+    kd, gendd = table["digits_kd"], table["digits_gendd"]
+    assert (kd["primary output"], gendd["primary output"]) == ("student", "generative")
+    assert kd["acc (primary)"] == md_cell(expected(kd_summary, "distill", "test", "acc/student"))
+    assert gendd["acc (primary)"] == md_cell(expected(gendd_summary, "distill", "test", "acc/generative"))
+    assert gendd["last acc (primary)"] == md_cell(
+        expected(gendd_summary, "distill", "test_last", "acc/generative")
+    )
+    assert gendd["acc (primary)"] != md_cell(expected(gendd_summary, "distill", "test", "acc/student"))
+    assert gendd["acc student"] == md_cell(expected(gendd_summary, "distill", "test", "acc/student"))
+    assert kd["acc generative"] == "–"
+
+
+def test_an_output_that_is_every_runs_primary_is_not_repeated(tmp_path):
+    for seed in SEEDS:
+        run_dir = tmp_path / f"gendd_{seed}"
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps(gendd_summary(seed)))
+    metrics = default_metrics(collect(tmp_path))
+    assert "distill/test/acc/primary" in metrics and "distill/test/acc/student" in metrics
+    assert "distill/test/acc/generative" not in metrics  # the primary column already shows it
+
+
+def test_runs_without_select_fall_back_to_the_student_output(tmp_path):
+    summary = kd_summary(0)
+    del summary["distill"]["select"]
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (row,) = collect(tmp_path)
+    assert row["distill/primary"] == "student"
+    assert row["distill/test/acc/primary"] == summary["distill"]["test"]["acc/student"]
+
+
+def test_plot_shows_the_primary_accuracy(runs, tmp_path):
+    from gendd_framework.report_table import plot_metrics_of
+
+    assert plot_metrics_of(default_metrics(collect(runs))) == ["distill/test/acc/primary"]

@@ -206,7 +206,7 @@ RULES: tuple[Rule, ...] = (
     Rule("data.augment", BOOL),
     Rule("data.train_fraction", FRACTION),
     Rule("data.label_fraction", FRACTION),
-    Rule("data.val_fraction", number(gt=0, le=1)),
+    Rule("data.val_fraction", number(ge=0, le=1)),  # 0: the literature protocol (val is the test split)
     Rule("data.test_fraction", FRACTION),
     *optimizer_rules("optim"),
     *scheduler_rules("sched"),

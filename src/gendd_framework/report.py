@@ -5,16 +5,18 @@ so a sweep `method.temperature=2,4 seed=0,1` gives one row per temperature and n
 together; run directories without Hydra's `overrides.yaml` fall back to grouping by run name.
 
 The default table answers "how good is the distilled student, and what did it inherit?": for the final
-training stage, the test accuracy of every output (best-on-val weights, then the last epoch's), its
-agreement with and KL to the teacher, and its calibration, next to the teacher's own accuracy. Failed
-jobs (`failed.json`) and jobs that never finished are listed under the table, so none goes unnoticed.
+training stage, the test accuracy of each run's *primary* output (the one its model selection used,
+`summary.json` -> `select`: `student` for most methods, `generative` for GenDD) at the selected and the
+last epoch, then every output's accuracy, agreement with and KL to the teacher, and calibration, next to
+the teacher's own accuracy. When a run's (recipe, method) has a published row (`published_recipes.yaml`),
+the published top-1, the difference, which split selected the epoch on each side and whether the run
+used the published settings follow. Failed jobs (`failed.json`) and jobs that never finished are listed
+under the table, so none goes unnoticed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import re
 import statistics
@@ -26,11 +28,13 @@ from typing import Any
 
 import yaml
 
+from gendd_framework import published
+from gendd_framework.report_table import PRIMARY, csv_text, label, markdown, plot_metrics_of, split_key
+
+__all__ = ["aggregate", "collect", "csv_text", "default_metrics", "final_stage", "main", "markdown", "render"]
 SPLITS = ("val", "test", "test_last")
 # the order of the per-output groups in the default table; acc comes with its last-epoch twin
 DEFAULT_GROUPS = (("acc", "test_last"), ("agree", None), ("kl", None), ("ece", None))
-METRIC_LABELS = {"acc": "acc", "agree": "agree", "kl": "KL", "ece": "ECE", "ce": "CE"}
-SPLIT_LABELS = {"test": "", "test_last": "last", "val": "val"}
 # overrides that never define a group: replicates and cosmetics
 IGNORED_KEYS = ("seed", "trainer.progress")
 IGNORED_PREFIXES = ("hydra.", "hydra/")
@@ -115,9 +119,30 @@ def override_label(overrides: list[str] | None, keys: list[str]) -> str:
     return " ".join(by_key[k] for k in keys if k in by_key)
 
 
+def primary_outputs(summary: dict[str, Any], row: dict[str, Any]) -> None:
+    """Alias each trained stage's primary output as `<stage>/<split>/acc/primary` and record its name
+    as `<stage>/primary`: the output of the stage's `select` metric (`acc/generative` -> generative),
+    for runs from before `select` was recorded `student` when it was evaluated."""
+    for stage, record in summary.items():
+        if not isinstance(record, dict) or stage == "teacher" or not record.get("test"):
+            continue
+        select = record.get("select")
+        output = select.split("/", 1)[1] if isinstance(select, str) and "/" in select else None
+        if output is None and "acc/student" in record["test"]:
+            output = "student"
+        if output is None:
+            continue
+        row[f"{stage}/{PRIMARY}"] = output
+        for split in ("test", "test_last"):
+            value = (record.get(split) or {}).get(f"acc/{output}")
+            if value is not None:
+                row[f"{stage}/{split}/acc/{PRIMARY}"] = value
+
+
 def collect(root: str | Path, jobs: list[Job] | None = None) -> list[dict[str, Any]]:
     """Every finished run under `root`, flattened to {name, seed, run_dir, group, overrides,
-    <stage>/<split>/<metric>: value}; `group` is the differing overrides, else the run name.
+    <stage>/<split>/<metric>: value, <stage>/primary: output, match: published row or None}; `group`
+    is the differing overrides, else the run name.
 
     Metric keys keep the summary's stage order, which `final_stage` relies on."""
     jobs = scan(root) if jobs is None else jobs
@@ -140,6 +165,8 @@ def collect(root: str | Path, jobs: list[Job] | None = None) -> list[dict[str, A
                 for split in SPLITS:
                     for metric, value in (record.get(split) or {}).items():
                         row[f"{stage}/{split}/{metric}"] = value
+        primary_outputs(summary, row)
+        row["match"] = published.for_run(job.run_dir, job.overrides, summary)
         rows.append(row)
     disambiguate(rows)
     return rows
@@ -199,12 +226,6 @@ def aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, 
     return table
 
 
-def split_key(key: str) -> tuple[str, str, str, str] | None:
-    """`distill/test/acc/student` -> (stage, split, metric, output); None for keys of another shape."""
-    parts = key.split("/", 3)
-    return (parts[0], parts[1], parts[2], parts[3]) if len(parts) == 4 else None
-
-
 def stages_of(row: dict[str, Any]) -> list[str]:
     """The stages with a test record, in summary order."""
     seen: dict[str, None] = {}
@@ -222,22 +243,32 @@ def final_stage(row: dict[str, Any]) -> str | None:
 
 
 def outputs_of(rows: list[dict[str, Any]], stage: str) -> list[str]:
-    """The named outputs (`student`, `generative`, ...) with test accuracy in `stage`, first seen first."""
+    """The named outputs (`student`, `generative`, ...) with test accuracy in `stage`, first seen first
+    (the `primary` alias is not an output)."""
     seen: dict[str, None] = {}
     for row in rows:
         for key in row:
             parsed = split_key(key)
             if parsed and parsed[0] == stage and parsed[1] == "test" and parsed[2] == "acc":
                 seen.setdefault(parsed[3], None)
+    seen.pop(PRIMARY, None)
     return list(seen)
 
 
 def stage_metrics(rows: list[dict[str, Any]], stage: str) -> list[str]:
-    """acc (+ last-epoch acc) of every output, then agree, KL and ECE of every output, when present."""
+    """The primary output's acc (+ last-epoch acc), then acc of every other output (an output that is
+    every run's primary is not repeated), then agree, KL and ECE of every output, when present."""
     present = {k for r in rows for k in r}
-    keys = []
+    finishing = [r for r in rows if final_stage(r) == stage] or rows
+    always_primary = {
+        o for o in outputs_of(rows, stage) if all(r.get(f"{stage}/{PRIMARY}") == o for r in finishing)
+    }
+    keys = [f"{stage}/{split}/acc/{PRIMARY}" for split in ("test", "test_last")]
+    keys = [k for k in keys if k in present]
     for metric, twin in DEFAULT_GROUPS:
         for output in outputs_of(rows, stage):
+            if metric == "acc" and keys and output in always_primary:
+                continue
             for split in ("test", twin) if twin else ("test",):
                 key = f"{stage}/{split}/{metric}/{output}"
                 if key in present:
@@ -255,72 +286,10 @@ def default_metrics(rows: list[dict[str, Any]]) -> list[str]:
     return keys
 
 
-def label(key: str, final_stages: set[str]) -> str:
-    """`distill/test_last/acc/student` -> `last acc student`; the stage is named only when needed."""
-    parsed = split_key(key)
-    if parsed is None:
-        return key
-    stage, split, metric, output = parsed
-    words = []
-    if stage == "teacher" or len(final_stages) != 1 or stage not in final_stages:
-        words.append(stage)
-    words += [SPLIT_LABELS.get(split, split), METRIC_LABELS.get(metric, metric)]
-    if not (stage == "teacher" and output in ("teacher", "student")):  # one output; older runs: `student`
-        words.append(output)
-    return " ".join(w for w in words if w)
-
-
 def labels_for(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, str]:
     """Human-readable labels for `metrics`, given which stages the rows finish with."""
     finals = {s for s in (final_stage(r) for r in rows) if s is not None}
     return {key: label(key, finals) for key in metrics}
-
-
-def decimals(key: str) -> int:
-    """KL and CE are small numbers in nats (3 decimals); percentages get 2."""
-    parsed = split_key(key)
-    return 3 if parsed and parsed[2] in ("kl", "ce") else 2
-
-
-def markdown(
-    table: list[dict[str, Any]],
-    metrics: list[str],
-    labels: dict[str, str] | None = None,
-    first: str = "method",
-) -> str:
-    """A GitHub table of mean ± std per group; `–` where a group lacks a metric."""
-    labels = labels or {}
-    head = [first, "runs"] + [labels.get(m, m) for m in metrics]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for entry in table:
-        cells = [str(entry["name"]).replace("|", "\\|"), str(entry["runs"])]
-        for m in metrics:
-            d = decimals(m)
-            cells.append(f"{entry[m][0]:.{d}f} ± {entry[m][1]:.{d}f}" if m in entry else "–")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def csv_text(
-    table: list[dict[str, Any]],
-    metrics: list[str],
-    labels: dict[str, str] | None = None,
-    first: str = "method",
-) -> str:
-    """Mean and std in separate full-precision columns (for spreadsheets and plots); empty if absent."""
-    labels = labels or {}
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    head = [first, "runs"]
-    for m in metrics:
-        head += [labels.get(m, m), f"{labels.get(m, m)} std"]
-    writer.writerow(head)
-    for entry in table:
-        cells: list[Any] = [entry["name"], entry["runs"]]
-        for m in metrics:
-            cells += list(entry[m]) if m in entry else ["", ""]
-        writer.writerow(cells)
-    return buffer.getvalue()
 
 
 def first_column(rows: list[dict[str, Any]]) -> str:
@@ -328,30 +297,49 @@ def first_column(rows: list[dict[str, Any]]) -> str:
     return "group" if any(r.get("overrides") is not None for r in rows) else "method"
 
 
+def annotate(table: list[dict[str, Any]], rows: list[dict[str, Any]], metrics: list[str]) -> None:
+    """Text fields per group: the primary output's name and, when every run of the group matches the
+    same published row, the published figure, our primary accuracy minus it, and the protocols."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[row.get("group") or row["name"]].append(row)
+    primary_acc = next((m for m in metrics if m.endswith(f"/test/acc/{PRIMARY}")), None)
+    for entry in table:
+        members = groups[entry["name"]]
+        names = {r.get(f"{final_stage(r)}/{PRIMARY}") for r in members} - {None}
+        entry["primary"] = "/".join(sorted(names)) or None
+        matches = [r.get("match") for r in members]
+        if matches and all(m is not None and m == matches[0] for m in matches):
+            entry.update(matches[0])
+            if primary_acc in entry:
+                entry["delta"] = entry[primary_acc][0] - matches[0]["published"]
+
+
+def text_columns(rows: list[dict[str, Any]], metrics: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(before, after) text columns: the primary output's name when a primary column is shown, the
+    published comparison when some run has a published row."""
+    before = ("primary",) if any(m.endswith(f"/{PRIMARY}") for m in metrics) else ()
+    after = ("published", "delta", "selection", "recipe_status") if any(r.get("match") for r in rows) else ()
+    return before, after
+
+
 def render(rows: list[dict[str, Any]], metrics: list[str], fmt: str = "markdown") -> str:
     """The aggregated table of `rows` over `metrics` as markdown or CSV, with readable labels."""
     table, labels, first = aggregate(rows, metrics), labels_for(rows, metrics), first_column(rows)
+    annotate(table, rows, metrics)
+    before, after = text_columns(rows, metrics)
     if fmt == "csv":
-        return csv_text(table, metrics, labels, first)
-    return markdown(table, metrics, labels, first) + "\n"
-
-
-def plot_metrics_of(metrics: list[str]) -> list[str]:
-    """What the plot shows: the selected (best-on-val) test accuracy of each trained output, else the
-    first column."""
-    keys = []
-    for key in metrics:
-        parsed = split_key(key)
-        if parsed and parsed[0] != "teacher" and parsed[1] == "test" and parsed[2] == "acc":
-            keys.append(key)
-    return keys or metrics[:1]
+        return csv_text(table, metrics, labels, first, before, after)
+    return markdown(table, metrics, labels, first, before, after) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     """`gendd-report DIR [--metric KEY ...] [--format markdown|csv] [--out FILE] [--plot FILE]`: mean ±
     std per group of runs under DIR (grouped by the overrides that differ, seeds averaged); by default
-    the teacher's accuracy and the final stage's acc/agree/KL/ECE. Failed and unfinished jobs are
-    listed under the table (on stderr with --format csv, to keep the CSV clean)."""
+    the teacher's accuracy, the primary output's accuracy (selected and last epoch), then every
+    output's acc/agree/KL/ECE, and the published top-1 with the difference when the recipe has one
+    (docs/recipes.md). Failed and unfinished jobs are listed under the table (on stderr with --format
+    csv, to keep the CSV clean)."""
     parser = argparse.ArgumentParser(prog="gendd-report", description=main.__doc__)
     parser.add_argument("root", help="a run or multirun directory")
     parser.add_argument(

@@ -83,7 +83,7 @@ def digits(
 
     return DataSplits(
         train=part(train_idx, transform),
-        val=part(val_idx),
+        val=part(val_idx) if val_fraction > 0 else None,  # 0: the literature protocol, val is test
         test=part(test_idx),
         num_classes=10,
         input_shape=(1, 8, 8),
