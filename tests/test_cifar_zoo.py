@@ -1,6 +1,13 @@
-"""The CIFAR zoo reproduces the reference (RepDistiller/CRD) sizes and honours the model contract."""
+"""The CIFAR zoo reproduces the reference (RepDistiller/CRD) sizes and honours the model contract.
+
+That the zoo computes the official functions (logits, stage maps) is checked against the upstream code
+in test_cifar_official.py; here, sizes and the model contract."""
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +40,8 @@ REFERENCE: dict[str, tuple[int, int]] = {
     "ShuffleV1": (949_258, 960),
     "ShuffleV2": (1_355_528, 1024),
     "ResNet50": (23_705_252, 2048),
+    "ResNet18": (11_220_132, 512),  # mdistiller's CIFAR model dict
+    "ResNet34": (21_328_292, 512),  # both upstreams' resnetv2.py
 }
 
 ALIASES = {
@@ -41,6 +50,8 @@ ALIASES = {
     "ShuffleV1": "shufflev1",
     "ShuffleV2": "shufflev2",
     "ResNet50": "resnet50_cifar",
+    "ResNet18": "resnet18_cifar",
+    "ResNet34": "resnet34_cifar",
 }
 
 
@@ -96,3 +107,16 @@ def test_factories_are_documented_and_typed() -> None:
         factory = MODELS.get(name)
         assert (factory.__doc__ or "").strip(), f"{name} has no docstring"
         assert "num_classes" in factory.__annotations__, f"{name} lacks a typed num_classes"
+
+
+def test_every_official_cifar_state_dict_has_the_zoo_size() -> None:
+    """The oracle fixtures hold the upstream state-dict shapes: their parameter counts are the zoo's."""
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    for path in sorted((Path(__file__).parent / "fixtures" / "cifar_official").glob("*.json")):
+        fx = json.loads(path.read_text())
+        official = sum(math.prod(shape) for key, shape in fx["state_dict"] if not key.endswith(stats))
+        spec = dict(fx["zoo_model"])
+        model = MODELS.get(spec.pop("name"))(num_classes=100, **spec)
+        assert n_trainable(model) == official, fx["arch"]
+        if fx["arch"] in REFERENCE:
+            assert REFERENCE[fx["arch"]][0] == official

@@ -4,37 +4,16 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from gendd_framework.errors import ConfigError
+from gendd_framework.models.checkpoints import load_state_dict_file, load_weights
 from gendd_framework.models.tap import find_classifier
 from gendd_framework.registry import MODELS, split_spec
 
-
-def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from a `.pth`/`.pt`/`.safetensors` file; `weights_only=True` so loading runs no code."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file or pickled code objects
-        raise ConfigError(f"cannot load checkpoint {path} with weights_only=True: {exc}") from exc
-    for key in ("model", "state_dict", "student", "module"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict):
-        raise ConfigError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state dict")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+__all__ = ["build_model", "freeze_parameters", "load_state_dict_file"]
 
 
 def freeze_parameters(model: nn.Module, paths: Sequence[str]) -> list[str]:
@@ -69,19 +48,18 @@ def freeze_parameters(model: nn.Module, paths: Sequence[str]) -> list[str]:
 
 
 def build_model(spec: Any, **defaults: Any) -> nn.Module:
-    """`{name, checkpoint?, strict?, freeze?, **kwargs}` -> module; `defaults` (e.g. num_classes) fill
-    unset kwargs. `freeze` lists module paths whose parameters are never trained (see freeze_parameters).
+    """`{name, checkpoint?, weights_format?, strict?, freeze?, **kwargs}` -> module; `defaults` (e.g.
+    num_classes) fill unset kwargs. `checkpoint` is a local weights file in any format
+    `models/checkpoints.py` reads (`weights_format: auto` detects it); `freeze` lists module paths
+    whose parameters are never trained (see freeze_parameters).
     """
     name, kwargs = split_spec(spec, "model")
     checkpoint = kwargs.pop("checkpoint", None)
+    weights_format = kwargs.pop("weights_format", "auto") or "auto"
     strict = kwargs.pop("strict", True)
     freeze = kwargs.pop("freeze", None) or []
     model = MODELS.build({"name": name, **{**defaults, **kwargs}})
     if checkpoint:
-        state = load_state_dict_file(checkpoint)
-        try:
-            model.load_state_dict(state, strict=strict)
-        except RuntimeError as exc:
-            raise ConfigError(f"weights in {checkpoint} do not fit model '{name}': {exc}") from exc
+        load_weights(model, checkpoint, name=name, weights_format=str(weights_format), strict=bool(strict))
     freeze_parameters(model, freeze)
     return model

@@ -2,7 +2,13 @@
 
 Inverted residual blocks (1x1 expand -> 3x3 depthwise -> linear 1x1 project) with expansion 6; the
 stem conv has stride 2 and so do three stages, leaving a 2x2 map at 32x32 input. The last 1x1 conv
-keeps 1280 channels (it is not scaled down for width < 1), giving a 1280-d pooled feature.
+keeps 1280 channels (it is not scaled down for width < 1), giving a 1280-d pooled feature. This is the
+function of the RepDistiller/mdistiller `mobilenetv2.py` (`mobilenetv2_T_w`), whose checkpoints load
+(see `checkpoints.py`).
+
+Stage maps are the official `is_feat` ones: the outputs of block groups 2, 3, 5 and 7 (12, 16, 48 and
+160 channels at width 0.5), not the 1280-channel head. Those blocks end in a linear projection, so the
+official `preact` list is the same maps.
 """
 
 from __future__ import annotations
@@ -59,8 +65,12 @@ class InvertedResidual(nn.Module):
 class MobileNetV2Cifar(nn.Module):
     """Stem, inverted-residual stages, 1x1 conv to `last_channel`, global pool, linear `classifier`."""
 
+    STAGE_GROUPS = (1, 2, 4, 6)  # the block groups whose outputs are the official is_feat maps
+    STEM = 3  # conv, BN, ReLU before the first block in `features`
+
     def __init__(self, num_classes: int = 100, width_mult: float = 0.5, expand: int = 6) -> None:
         super().__init__()
+        self.group_sizes = [n for _, _, n, _ in _SETTINGS]
         cin = int(32 * width_mult)
         layers: list[nn.Module] = _conv_bn(3, cin, 3, stride=2)
         for t, c, n, s in _SETTINGS:
@@ -79,8 +89,14 @@ class MobileNetV2Cifar(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
 
+    def stage_taps(self, preact: bool = False) -> list[str]:
+        """Official `is_feat` maps without the stem; `preact` gives the same (linear block outputs)."""
+        ends = [self.STEM + sum(self.group_sizes[: g + 1]) - 1 for g in self.STAGE_GROUPS]
+        return [f"features.{e}" for e in ends]
+
 
 @MODELS.register("mobilenetv2_cifar", aliases=["mobile_half", "MobileNetV2"])
-def mobilenetv2_cifar(num_classes: int = 100, width_mult: float = 0.5) -> MobileNetV2Cifar:
-    """MobileNetV2 (width 0.5, expansion 6) for 32x32 inputs: the standard light CIFAR student."""
-    return MobileNetV2Cifar(num_classes, width_mult)
+def mobilenetv2_cifar(num_classes: int = 100, width_mult: float = 0.5, expand: int = 6) -> MobileNetV2Cifar:
+    """MobileNetV2 (width 0.5, expansion 6 by default) for 32x32 inputs: the standard light CIFAR
+    student (`mobilenetv2_T_w(T=expand, W=width_mult)` upstream)."""
+    return MobileNetV2Cifar(num_classes, width_mult, expand)

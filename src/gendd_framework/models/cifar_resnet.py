@@ -1,9 +1,13 @@
-"""CIFAR ResNets: the 3-stage basic-block family (resnet8 ... resnet110, x4 variants) and ResNet-50.
+"""CIFAR ResNets: the 3-stage basic-block family (resnet8 ... resnet110, x4 variants) and the 4-stage
+ResNet-18/34/50 for 32x32 inputs.
 
-Shapes follow the CIFAR distillation literature (He et al. 2016, section 4.2; CRD/RepDistiller), so
-teacher/student pairs such as resnet32x4 -> resnet8x4 have the usual sizes: a 3x3 stem without
-max-pool, projection (1x1 conv + BN) shortcuts wherever the shape changes, global average pooling and
-one linear classifier `fc` on the pooled feature.
+They compute the networks of the CIFAR distillation literature (He et al. 2016, section 4.2; the
+RepDistiller/mdistiller model files `resnet.py` and `resnetv2.py`), so their checkpoints load (see
+`checkpoints.py`): a 3x3 stem without max-pool, projection (1x1 conv + BN) shortcuts wherever the
+shape changes, global average pooling and one linear classifier `fc` on the pooled feature.
+
+Each block ends with its own non-inplace `relu` module, so the residual sum before it (the official
+`preact` map) is readable as the tap `layers.<i>.relu:input`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a residual connection (post-activation, as in the original ResNet)."""
+    """Two 3x3 convs with a residual connection (post-activation, as in the original ResNet).
+
+    `relu` is not in place: its input, the pre-activation sum, must survive for a `relu:input` tap."""
 
     expansion = 1
 
@@ -38,7 +44,7 @@ class BasicBlock(nn.Module):
             *_conv_bn(cin, planes, 3, stride), nn.ReLU(inplace=True), *_conv_bn(planes, planes, 3)
         )
         self.shortcut = _projection(cin, planes, stride)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.body(x) + self.shortcut(x))
@@ -60,14 +66,18 @@ class Bottleneck(nn.Module):
             *_conv_bn(planes, cout, 1),
         )
         self.shortcut = _projection(cin, cout, stride)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.relu(self.body(x) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
-    """Stem conv, then one stage per width (first stage stride 1, later ones stride 2), pool, `fc`."""
+    """Stem conv, then one stage per width (first stage stride 1, later ones stride 2), pool, `fc`.
+
+    `layout` names the upstream file whose checkpoints it reads: `resnet` (the 3-stage nets) or
+    `resnetv2` (ResNet-18/34/50); the two differ only in parameter names.
+    """
 
     def __init__(
         self,
@@ -76,8 +86,11 @@ class CifarResNet(nn.Module):
         widths: list[int],
         blocks: list[int],
         num_classes: int = 100,
+        layout: str = "resnet",
     ) -> None:
         super().__init__()
+        self.stage_depths = list(blocks)
+        self.layout = layout
         self.stem = nn.Sequential(*_conv_bn(3, stem, 3), nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
         cin = stem
@@ -94,6 +107,12 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
+
+    def stage_taps(self, preact: bool = False) -> list[str]:
+        """The official `is_feat` maps without the stem (each stage's last block), or the `preact` ones
+        (that block's sum before its final ReLU)."""
+        ends = [sum(self.stage_depths[: i + 1]) - 1 for i in range(len(self.stage_depths))]
+        return [f"layers.{e}.relu:input" if preact else f"layers.{e}" for e in ends]
 
 
 def _basic(depth: int, stem: int, widths: list[int], num_classes: int) -> CifarResNet:
@@ -162,7 +181,22 @@ def resnet32x4(num_classes: int = 100) -> CifarResNet:
     return _basic(32, 32, _WIDE, num_classes)
 
 
+_FOUR = [64, 128, 256, 512]
+
+
+@MODELS.register("resnet18_cifar", aliases=["ResNet18"])
+def resnet18_cifar(num_classes: int = 100) -> CifarResNet:
+    """ResNet-18 for 32x32 inputs: 3x3 stem (64 ch, no max-pool), basic-block stages [2, 2, 2, 2]."""
+    return CifarResNet(BasicBlock, 64, _FOUR, [2, 2, 2, 2], num_classes, layout="resnetv2")
+
+
+@MODELS.register("resnet34_cifar", aliases=["ResNet34"])
+def resnet34_cifar(num_classes: int = 100) -> CifarResNet:
+    """ResNet-34 for 32x32 inputs: 3x3 stem (64 ch, no max-pool), basic-block stages [3, 4, 6, 3]."""
+    return CifarResNet(BasicBlock, 64, _FOUR, [3, 4, 6, 3], num_classes, layout="resnetv2")
+
+
 @MODELS.register("resnet50_cifar", aliases=["ResNet50"])
 def resnet50_cifar(num_classes: int = 100) -> CifarResNet:
     """ResNet-50 for 32x32 inputs: 3x3 stem (64 ch, no max-pool), bottleneck stages [3, 4, 6, 3]."""
-    return CifarResNet(Bottleneck, 64, [64, 128, 256, 512], [3, 4, 6, 3], num_classes)
+    return CifarResNet(Bottleneck, 64, _FOUR, [3, 4, 6, 3], num_classes, layout="resnetv2")

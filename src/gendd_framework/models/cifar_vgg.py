@@ -1,8 +1,14 @@
 """CIFAR VGGs with batch norm (Simonyan & Zisserman 2015, adapted to 32x32 inputs).
 
-Five conv stages of 3x3 convs (with bias) + BN + ReLU, separated by 2x2 max-pools; the last stage is
-globally average-pooled to a 512-d vector read by a single linear `classifier` (no FC stack), which
-is what makes these small enough to be CIFAR students.
+Five conv stages of 3x3 convs (with bias) + BN + ReLU; the last stage is globally average-pooled to
+a 512-d vector read by a single linear `classifier` (no FC stack), which is what makes these small
+enough to be CIFAR students. This is the function of the RepDistiller/mdistiller `vgg.py` (`vgg*_bn`),
+whose checkpoints load (see `checkpoints.py`): 2x2 max-pools follow the first three stages, but the
+one before the last stage is applied only to 64-pixel inputs (Tiny-ImageNet), so at 32x32 the last two
+stages both run at 4x4.
+
+Each stage ends with a non-inplace ReLU module, so its input (the official `preact` map) is the tap
+`features.<2i>.<last>:input`.
 """
 
 from __future__ import annotations
@@ -24,16 +30,21 @@ _CONFIGS: dict[int, list[list[int]]] = {
 
 
 def _stage(cin: int, channels: list[int]) -> nn.Sequential:
-    """Conv3x3 (bias) + BN + ReLU for each entry of `channels`."""
+    """Conv3x3 (bias) + BN + ReLU for each entry of `channels`; the last ReLU keeps its input intact."""
     layers: list[nn.Module] = []
-    for cout in channels:
-        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    for i, cout in enumerate(channels):
+        last = i == len(channels) - 1
+        layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=not last)]
         cin = cout
     return nn.Sequential(*layers)
 
 
 class CifarVGG(nn.Module):
-    """Five stages (max-pool between them), global average pool, one linear `classifier`."""
+    """Five stages (max-pools between them, see the module docstring for the fourth), global average
+    pool, one linear `classifier`."""
+
+    LAST_POOL = 7  # index in `features` of the max-pool before the last stage
+    LAST_POOL_INPUT = 64  # the only input height the official forward applies it at
 
     def __init__(self, depth: int, num_classes: int = 100) -> None:
         super().__init__()
@@ -52,7 +63,18 @@ class CifarVGG(nn.Module):
         init_conv_bn(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+        keep_last_pool = x.shape[2] == self.LAST_POOL_INPUT
+        for i, module in enumerate(self.features):
+            if i != self.LAST_POOL or keep_last_pool:
+                x = module(x)
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+    def stage_taps(self, preact: bool = False) -> list[str]:
+        """Official `is_feat` maps without the stem (stages 2-5), or their `preact` maps."""
+        stages = [f"features.{2 * i}" for i in range(1, 5)]
+        if preact:
+            return [f"{p}.{len(self.features[2 * i]) - 1}:input" for i, p in enumerate(stages, 1)]
+        return stages
 
 
 @MODELS.register("vgg8")

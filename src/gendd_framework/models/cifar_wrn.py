@@ -2,7 +2,12 @@
 
 Each of the three stages has (d - 4) / 6 blocks of width 16k / 32k / 64k after a 16-channel 3x3 stem.
 Blocks are pre-activation (BN -> ReLU -> conv), so the net ends with a BN + ReLU before pooling; a
-1x1 conv shortcut appears only where the width or resolution changes.
+1x1 conv shortcut appears only where the width or resolution changes. This is the function of the
+RepDistiller/mdistiller `wrn.py`, whose checkpoints load (see `checkpoints.py`).
+
+Stage maps are the official `is_feat` ones: each stage's raw block output. Their `preact` maps are
+that output through the next BN (the first BN of the next stage, then the final `bn`), which these
+modules compute anyway: the taps read those BN outputs (the ReLUs after them are not in place).
 """
 
 from __future__ import annotations
@@ -55,7 +60,8 @@ class WideResNet(nn.Module):
                 cin = width
         self.blocks = nn.Sequential(*blocks)
         self.bn = nn.BatchNorm2d(cin)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()  # not in place: the `bn` output is the last stage's preact tap
+        self.stage_depths = [n, n, n]
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feature_dim = cin
         self.fc = nn.Linear(cin, num_classes)
@@ -65,6 +71,13 @@ class WideResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn(self.blocks(self.conv1(x))))
         return self.fc(torch.flatten(self.pool(out), 1))
+
+    def stage_taps(self, preact: bool = False) -> list[str]:
+        """Official `is_feat` maps without the stem, or their `preact` versions (BN applied)."""
+        n = self.stage_depths[0]
+        if preact:
+            return [f"blocks.{n}.bn1", f"blocks.{2 * n}.bn1", "bn"]
+        return [f"blocks.{n - 1}", f"blocks.{2 * n - 1}", f"blocks.{3 * n - 1}"]
 
 
 @MODELS.register("wrn_16_1")

@@ -1,10 +1,14 @@
-"""Default feature-map taps per model family: the last module at each spatial resolution of the trunk.
+"""Default feature-map taps per model family: the official stage lists, and their pre-activation maps.
 
-Feature-distillation methods read intermediate maps ("stages"). Rather than editing every model, each
-family names its trunk (the modules the input flows through in order); one dry forward finds, for each
-spatial resolution, the last trunk module producing it. That is the usual "end of stage" map (the
-CRD/RepDistiller `is_feat` lists without the stem). timm models use their own `feature_info`. A family
-that is not known fails with a message naming the config keys that set the layers by module path.
+Feature-distillation methods read intermediate maps ("stages"). The CIFAR zoo names them itself
+(`stage_taps(preact)` on each model): the maps the RepDistiller/mdistiller `forward(is_feat=True)`
+returns, without the stem (and without the pooled vector, which is the `feature` tap), and with
+`preact=True` the maps before each stage's final ReLU. torchvision ResNets read `layer1..layer4` (their
+preact: the input of each stage's last ReLU). Any other family names its trunk (the modules the input
+flows through in order) and one dry forward finds, for each spatial resolution, the last trunk module
+producing it; where that module is a ReLU, its input is the preact map. timm models use their own
+`feature_info`. A family that is not known fails with a message naming the config keys that set the
+layers by module path.
 """
 
 from __future__ import annotations
@@ -23,25 +27,12 @@ POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2
 
 def _trunk_by_class(model: nn.Module) -> tuple[str, ...] | None:
     """Module paths the input flows through (a Sequential expands to its children), by model family."""
-    from gendd_framework.models.cifar_mobilenetv2 import MobileNetV2Cifar
-    from gendd_framework.models.cifar_resnet import CifarResNet
-    from gendd_framework.models.cifar_shufflenet import ShuffleNetV1, ShuffleNetV2
-    from gendd_framework.models.cifar_vgg import CifarVGG
-    from gendd_framework.models.cifar_wrn import WideResNet
     from gendd_framework.models.small import SmallCNN
 
     own = getattr(model, "feature_trunk", None)  # a plugin model may name its own trunk
     if own is not None:
         return tuple(own)
-    table: list[tuple[type, tuple[str, ...]]] = [
-        (CifarResNet, ("layers",)),
-        (WideResNet, ("blocks", "relu")),
-        (CifarVGG, ("features",)),
-        (MobileNetV2Cifar, ("features",)),
-        (ShuffleNetV1, ("units",)),
-        (ShuffleNetV2, ("units", "head")),
-        (SmallCNN, ("features",)),
-    ]
+    table: list[tuple[type, tuple[str, ...]]] = [(SmallCNN, ("features",))]
     try:
         import torchvision.models as tvm
 
@@ -112,23 +103,7 @@ def _timm_stages(model: nn.Module) -> list[str] | None:
     return [str(e["module"]) for e in entries if e.get("module")][-MAX_STAGES:]
 
 
-def feature_stages(
-    model: nn.Module, input_shape: Sequence[int] | None, keys: str = "the layer keys"
-) -> list[str]:
-    """Module paths of the model's stage outputs, shallow to deep (at most `MAX_STAGES`).
-
-    `keys` names the config keys a user sets instead (used in the error for unknown families).
-    """
-    trunk = _trunk_by_class(model)
-    if trunk is None:
-        stages = _timm_stages(model)
-        if stages:
-            return stages
-        children = ", ".join(n for n, _ in model.named_children())
-        raise ConfigError(
-            f"no default feature layers for {type(model).__name__}: set {keys} to module paths "
-            f"(top-level children: {children})"
-        )
+def _probed_stages(model: nn.Module, trunk: tuple[str, ...], input_shape: Sequence[int] | None, keys: str):
     if input_shape is None:
         raise ConfigError(
             f"default feature layers of {type(model).__name__} are found by a dry forward: build the "
@@ -146,3 +121,70 @@ def feature_stages(
     if not stages:
         raise ConfigError(f"{type(model).__name__} produced no 4-D feature maps; set {keys} to module paths")
     return stages
+
+
+def _torchvision_resnet_preact(model: nn.Module) -> list[str] | None:
+    try:
+        import torchvision.models as tvm
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(model, tvm.ResNet):
+        return None
+    # each block applies its one in-place `relu` last to the residual sum: the tap reads its input
+    # before the call (FeatureTap copies the input of in-place modules), so the last call's is kept
+    return [f"layer{i}.{len(getattr(model, f'layer{i}')) - 1}.relu:input" for i in range(1, 5)]
+
+
+def feature_stages(
+    model: nn.Module, input_shape: Sequence[int] | None, keys: str = "the layer keys", preact: bool = False
+) -> list[str]:
+    """Tap names of the model's stage maps, shallow to deep (at most `MAX_STAGES`): the official
+    `is_feat` maps, or with `preact` the maps before each stage's final ReLU.
+
+    `keys` names the config keys a user sets instead (used in errors). `preact` on a family without
+    pre-activation taps raises; `preact_stages` returns None there instead.
+    """
+    stages = preact_stages(model, input_shape, keys) if preact else None
+    if preact and stages is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no known pre-activation stage maps: set {keys} to module paths "
+            "(e.g. '<block>.relu:input')"
+        )
+    return stages if stages is not None else _post_stages(model, input_shape, keys)
+
+
+def _post_stages(model: nn.Module, input_shape: Sequence[int] | None, keys: str) -> list[str]:
+    named = getattr(model, "stage_taps", None)
+    if callable(named):
+        return list(named(preact=False))[-MAX_STAGES:]
+    trunk = _trunk_by_class(model)
+    if trunk is None:
+        stages = _timm_stages(model)
+        if stages:
+            return stages
+        children = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(
+            f"no default feature layers for {type(model).__name__}: set {keys} to module paths "
+            f"(top-level children: {children})"
+        )
+    return _probed_stages(model, trunk, input_shape, keys)
+
+
+def preact_stages(
+    model: nn.Module, input_shape: Sequence[int] | None, keys: str = "the layer keys"
+) -> list[str] | None:
+    """The pre-activation versions of the stage maps, or None when the family defines none."""
+    named = getattr(model, "stage_taps", None)
+    if callable(named):
+        return list(named(preact=True))[-MAX_STAGES:]
+    tv = _torchvision_resnet_preact(model)
+    if tv is not None:
+        return tv
+    trunk = _trunk_by_class(model)
+    if trunk is None:
+        return None
+    modules = dict(model.named_modules())
+    stages = _probed_stages(model, trunk, input_shape, keys)
+    if all(isinstance(modules.get(s), nn.ReLU) for s in stages):
+        return [f"{s}:input" for s in stages]
+    return None

@@ -2,8 +2,11 @@
 
 A tap is a name: `logits` (the model output), `feature` (the input of the final linear classifier: the
 pooled penultimate vector), or a module path reading the module's output (`layer3`) or input
-(`layer3:input`). The classifier is found the same way for every family: timm's `get_classifier()`,
-else the last `nn.Linear` in module order. Unknown paths fail at build with the closest module paths.
+(`layer3:input`). An input is read as the module is called (a forward pre-hook), copied first when the
+module works in place, so `block.relu:input` is the pre-activation map even for an in-place ReLU (a
+module called several times keeps its last call's). The classifier is found the same way for every
+family: timm's `get_classifier()`, else the last `nn.Linear` in module order. Unknown paths fail at
+build with the closest module paths.
 """
 
 from __future__ import annotations
@@ -89,7 +92,11 @@ class FeatureTap(nn.Module):
                 module = modules[path]
             else:
                 raise ConfigError(unknown_path_message(model, path))
-            self._handles.append(module.register_forward_hook(self._hook(key, io)))
+            if io == "input":
+                copy = bool(getattr(module, "inplace", False))
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(key, copy)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(key)))
 
     @property
     def classifier(self) -> nn.Linear:
@@ -99,9 +106,15 @@ class FeatureTap(nn.Module):
             head = self.__dict__["_classifier"] = find_classifier(self.model)
         return head
 
-    def _hook(self, name: str, io: str):
-        def hook(_module, inputs, output):
-            self._store[name] = inputs[0] if io == "input" else output
+    def _hook(self, name: str):
+        def hook(_module, _inputs, output):
+            self._store[name] = output
+
+        return hook
+
+    def _input_hook(self, name: str, copy: bool):
+        def hook(_module, inputs):
+            self._store[name] = inputs[0].clone() if copy else inputs[0]
 
         return hook
 

@@ -1,24 +1,40 @@
-"""Which intermediate maps a feature term reads: `auto`, stage indices, or module paths.
+"""Which intermediate maps a feature term reads: `auto`, `stages`, `preact`, stage indices, or paths.
 
 A feature term takes `student_layers` / `teacher_layers`:
-- `auto` (default): the family's default stages (see `models/feature_stages.py`), the term picks which;
-- an int or list of ints: indices into the default stages (negative counts from the deepest);
+- `auto` (default): the term's published choice among the family's stage maps (see
+  `models/feature_stages.py`): the official `is_feat` maps, or their pre-activation versions for a
+  term whose authors regress those (ReviewKD's teacher side);
+- `stages` / `preact`: every `is_feat` map / every pre-activation map of the family;
+- an int or list of ints: indices into the term's default list (negative counts from the deepest);
 - a string or list of strings: module paths, optionally `path:input` (read the module's input).
 The pooled penultimate vector is the tap `feature`; logits are `logits`.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.models.feature_stages import feature_stages
+from gendd_framework.models.feature_stages import feature_stages, preact_stages
 from gendd_framework.models.tap import parse_tap
 
 LayerSpec = str | int | Sequence[str | int] | None
+log = logging.getLogger(__name__)
+
+
+def default_stages(model: nn.Module, input_shape: Sequence[int] | None, key: str, preact: bool) -> list[str]:
+    """The family's stage maps; with `preact`, their pre-activation versions where the family has
+    them (else the stage maps, logged: e.g. a ViT has no pre-activation maps)."""
+    if preact:
+        stages = preact_stages(model, input_shape, keys=f"`{key}`")
+        if stages is not None:
+            return stages
+        log.info("%s has no pre-activation stage maps: `%s` reads its stage maps", type(model).__name__, key)
+    return feature_stages(model, input_shape, keys=f"`{key}`")
 
 
 def resolve_layers(
@@ -27,13 +43,17 @@ def resolve_layers(
     input_shape: Sequence[int] | None,
     key: str,
     auto: slice | Sequence[int] = slice(None),
+    preact: bool = False,
 ) -> list[str]:
     """Tap keys for `spec` on `model`; `auto` selects from the default stages when spec is `auto`/None.
 
-    `key` is the config key (e.g. `student_layers`) named in errors.
+    `preact` makes the term's default list (for `auto` and indices) the pre-activation maps. `key` is
+    the config key (e.g. `student_layers`) named in errors.
     """
+    if spec in ("stages", "preact"):
+        return feature_stages(model, input_shape, keys=f"`{key}`", preact=spec == "preact")
     if spec is None or spec == "auto":
-        stages = feature_stages(model, input_shape, keys=f"`{key}`")
+        stages = default_stages(model, input_shape, key, preact)
         if isinstance(auto, slice):
             return stages[auto]
         return [stages[i] for i in auto]
@@ -45,7 +65,7 @@ def resolve_layers(
             raise ConfigError(f"`{key}` entries are stage indices or module paths, got {item!r}")
         if isinstance(item, int):
             if stages is None:
-                stages = feature_stages(model, input_shape, keys=f"`{key}`")
+                stages = default_stages(model, input_shape, key, preact)
             if not -len(stages) <= item < len(stages):
                 raise ConfigError(
                     f"`{key}` index {item} is out of range: {type(model).__name__} has {len(stages)} "

@@ -1,8 +1,11 @@
 """ReviewKD (Chen et al. CVPR'21): student stage maps + pooled feature fused deep to shallow by ABFs,
 each level compared with the teacher's map of the same depth by the hierarchical context loss.
 
-Levels: the default stage maps of each side (`student_layers` / `teacher_layers`, paired by depth when
-the counts differ) plus the pooled feature as a 1x1 map. The ABFs are sized from the build-time probe:
+Levels: the stage maps of each side (`student_layers` / `teacher_layers`, paired by depth when the
+counts differ) plus the pooled feature as a 1x1 map. As in the authors' CIFAR code and mdistiller, the
+student side defaults to the official `is_feat` maps and the teacher side (the regression target) to
+the pre-activation maps (`preact=True` upstream; a family without them falls back to its stage maps);
+`student_layers: preact` gives mdistiller's ImageNet setting. The ABFs are sized from the build-time probe:
 input channels from the student level, output channels and resolution from the teacher level, and
 `mid_channels` (`auto` = min(max_mid_channels, student feature dim), which reproduces every table of the
 authors' code).
@@ -69,7 +72,7 @@ class ReviewKDLoss(LossTerm):
     def bind(self, student, teacher, facts) -> None:
         shape = facts.get("input_shape")
         s = resolve_layers(student, self.student_layers, shape, "student_layers")
-        t = resolve_layers(teacher, self.teacher_layers, shape, "teacher_layers")
+        t = resolve_layers(teacher, self.teacher_layers, shape, "teacher_layers", preact=True)
         self.student_maps, self.teacher_maps = pair_layers(s, t, "reviewkd")
         self.student_taps = (*self.student_maps, "feature")
         self.teacher_taps = (*self.teacher_maps, "feature")
