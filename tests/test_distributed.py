@@ -295,7 +295,7 @@ def test_sync_bn_on_the_cpu_with_several_ranks_is_a_config_error(monkeypatch):
     from gendd_framework.errors import ConfigError
     from gendd_framework.methods.base import Method
 
-    method = Method(torch.nn.Linear(4, 3))
+    method = type("Plain", (Method,), {"needs_teacher": False})(torch.nn.Linear(4, 3))
     optimizer = torch.optim.SGD(method.parameters(), lr=0.1)
     monkeypatch.setattr(
         distributed, "info", lambda: distributed.DistInfo(rank=0, world_size=2, backend="gloo")

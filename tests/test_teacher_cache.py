@@ -235,13 +235,14 @@ def test_flush_merges_what_another_run_saved(tmp_path):
     cache_a = attach(a, tmp_path, mode="deterministic", data=images(0, 0.0))
     cache_b = attach(b, tmp_path, mode="deterministic", data=images(0, 0.0))
     x = torch.randn(N, 1, 8, 8)
-    a.teacher_outputs(x[:10], {"input": x[:10], "index": torch.arange(10)})
-    b.teacher_outputs(x[10:20], {"input": x[10:20], "index": torch.arange(10, 20)})
+    xa, xb, xc = x[:10], x[10:20], x[:20]  # the teacher is called on the batch's own tensor
+    a.teacher_outputs(xa, {"input": xa, "index": torch.arange(10)})
+    b.teacher_outputs(xb, {"input": xb, "index": torch.arange(10, 20)})
     cache_a.flush()
     cache_b.flush()  # loads a's file, keeps both halves
     c = method()
     cache_c = attach(c, tmp_path, mode="deterministic", data=images(0, 0.0))
-    c.teacher_outputs(x[:20], {"input": x[:20], "index": torch.arange(20)})
+    c.teacher_outputs(xc, {"input": xc, "index": torch.arange(20)})
     assert cache_c.hits == 1
 
 

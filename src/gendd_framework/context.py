@@ -1,14 +1,16 @@
-"""What every training step is told: a batch as a mapping and where the loop stands (StepContext).
+"""What every training step is told: a batch as a mapping and where the loop stands (StepContext);
+what a method may know of the data when it is built (DataFacts).
 
 Batches are dicts so methods can read more than (input, target): CRD needs sample ids (`index`), a
-semi-supervised transfer set marks unlabelled samples with target -1. Warm-ups and weight schedules read
-the StepContext instead of counting steps in buffers of their own.
+semi-supervised transfer set marks unlabelled samples with target -1, a two-view method reads a second
+augmented draw of each sample as `input_1`. Warm-ups and weight schedules read the StepContext instead
+of counting steps in buffers of their own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -16,6 +18,66 @@ import torch
 from gendd_framework.errors import ConfigError
 
 UNLABELLED = -1  # target value of a sample whose label the student may not see
+VIEW_PREFIX = "input_"  # `input_1`, `input_2`, ...: further augmented draws of a training sample
+
+
+def view_key(k: int) -> str:
+    """The batch key of augmented view `k` of a sample (view 0 is `input`)."""
+    return "input" if k == 0 else f"{VIEW_PREFIX}{k}"
+
+
+def view_index(key: str) -> int | None:
+    """`input_3` -> 3; None for a key that is not a view."""
+    rest = key[len(VIEW_PREFIX) :] if key.startswith(VIEW_PREFIX) else ""
+    return int(rest) if rest.isdigit() and int(rest) > 0 else None
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What a method may know of the data when it is built (passed as `facts=`; loss terms get it in
+    `bind`): nothing is read from the data beyond these. Reads like a mapping too (`facts["input_shape"]`).
+
+    `sample_keys` are the keys of a training batch as served (`input`, `target`, `index`, a mapping
+    dataset's own keys, and `all_labelled`, which the loop adds); views `input_1`, ... are drawn on
+    request (`Method.batch_keys`) and are not listed. `all_labelled` is False when the training split
+    hides some labels (target -1: a transfer set)."""
+
+    num_classes: int | None
+    input_shape: tuple[int, ...] | None = None
+    num_samples: int | None = None  # size of the training split (per-sample memories)
+    sample_keys: tuple[str, ...] = ("input", "target", "index", "all_labelled")
+    all_labelled: bool = True
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in self.keys() else default
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(self))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (recorded with a run's export, so the method can be rebuilt)."""
+        out = asdict(self)
+        out["input_shape"] = list(self.input_shape) if self.input_shape is not None else None
+        out["sample_keys"] = list(self.sample_keys)
+        return out
+
+    @classmethod
+    def from_dict(cls, node: Mapping[str, Any]) -> DataFacts:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in node.items() if k in known}
+        if values.get("input_shape") is not None:
+            values["input_shape"] = tuple(values["input_shape"])
+        if "sample_keys" in values:
+            values["sample_keys"] = tuple(values["sample_keys"])
+        return cls(**values)
 
 
 @dataclass(frozen=True)

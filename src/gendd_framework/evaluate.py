@@ -5,6 +5,8 @@ the run's method from its saved config, loads that stage's best-on-val checkpoin
 overrides (evaluation knobs only need the method to be rebuilt) and prints the metrics as JSON. The
 overrides use gendd-train's dialect (parsed and typed by Hydra's compose API, so nothing is written
 anywhere); the older `gendd-eval RUN_DIR method.x=y --split test` form still works.
+`gendd-eval run_dir=RUN export=true` evaluates what the run deployed instead: `student.pt` loaded into
+the predictor the run's method exports (the same module `teacher=from_run` uses), as output `export`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.registry import METHODS, split_spec
 
 # torch-backed modules are imported where used, so `--help` and argument errors answer at once
 
@@ -73,39 +74,47 @@ class RunEvaluator:
         from gendd_framework.engine.checkpoint import load as load_checkpoint
         from gendd_framework.pipeline import build_data, resolve_device
         from gendd_framework.plugins import load_plugins
+        from gendd_framework.stages import referenced_plugins
 
-        load_plugins(self.cfg.get("plugins") or [])
+        load_plugins([*(self.cfg.get("plugins") or []), *referenced_plugins(self.cfg)])
         self.device = resolve_device(device)
         self.data, self.loader_cfg = build_data(self.cfg.data)
         self.state = load_checkpoint(checkpoint)["method"]
-        self.stage_kind = stage_kind(self.cfg, stage)
+        self.stage, self.stage_kind = stage, stage_kind(self.cfg, stage)
 
     def build_method(self, method_overrides: dict[str, Any] | None = None):
-        node = merge_method(self.cfg.method, method_overrides or {})
-        name, kwargs = split_spec(node, "method")
+        """The stage's method with its best-on-val weights: built as the stage built it (same data
+        facts; the teacher it had, none for a teacher-free stage)."""
+        from gendd_framework.data.base import data_facts
         from gendd_framework.models import build_model
-        from gendd_framework.stages import teacher_architecture
+        from gendd_framework.runtime import build_method
+        from gendd_framework.stages import architecture, stage_teacher_architecture
 
-        student = build_model(self.cfg.student, num_classes=self.data.num_classes)
-        if self.stage_kind == "born_again":  # that stage's teacher is the previous student
-            teacher = build_model(self.cfg.student, num_classes=self.data.num_classes)
-        elif self.cfg.get("teacher"):
-            teacher = teacher_architecture(self.cfg.teacher, self.data.num_classes)
-        else:
-            teacher = None
-        method = METHODS.build(
-            {"name": name, **kwargs},
-            student=student,
-            teacher=teacher,
-            num_classes=self.data.num_classes,
-            input_shape=self.data.input_shape,
-            num_samples=len(self.data.train),
-        )
+        node = merge_method(self.cfg.method, method_overrides or {})
+        student = build_model(architecture(self.cfg.student), num_classes=self.data.num_classes)
+        teacher = stage_teacher_architecture(self.cfg, self.stage, self.data.num_classes)
+        method = build_method(node, student, teacher, data_facts(self.data))
         method.load_state_dict(self.state)
         self.teacher = method.teacher.model if getattr(method, "teacher", None) is not None else None
         return method.to(self.device)
 
-    def evaluate(self, method_overrides: dict[str, Any] | None = None, split: str = "test") -> dict[str, Any]:
+    def build_export(self):
+        """The run's deployed predictor (`student.pt` in the module its method exports), wrapped so
+        that `predict` names its output `export`."""
+        from gendd_framework.models import load_state_dict_file
+        from gendd_framework.stages import run_predictor
+
+        weights = self.run_dir / "student.pt"
+        if not weights.is_file():
+            raise ConfigError(f"no student.pt in {self.run_dir}: the run did not finish")
+        predictor = run_predictor(self.run_dir, self.data.num_classes)
+        predictor.load_state_dict(load_state_dict_file(weights))
+        self.teacher = None
+        return ExportedPredictor(predictor).to(self.device)
+
+    def evaluate(
+        self, method_overrides: dict[str, Any] | None = None, split: str = "test", export: bool = False
+    ) -> dict[str, Any]:
         from torch.utils.data import DataLoader
 
         from gendd_framework.data.base import BatchDataset
@@ -113,7 +122,9 @@ class RunEvaluator:
         from gendd_framework.engine.trainer import evaluate
 
         seed_everything(int(self.cfg.seed))
-        method = self.build_method(method_overrides)
+        if export and method_overrides:
+            raise ConfigError("export=true evaluates student.pt as deployed: drop the method.* overrides")
+        method = self.build_export() if export else self.build_method(method_overrides)
         dataset = BatchDataset(getattr(self.data, split))
         loader = DataLoader(dataset, batch_size=self.loader_cfg["eval_batch_size"])
         started = time.perf_counter()
@@ -127,16 +138,47 @@ class RunEvaluator:
         }
 
 
-EVAL_DEFAULTS: dict[str, Any] = {"split": "test", "stage": "distill", "device": "auto", "method": {}}
+class ExportedPredictor:
+    """`predict(x) -> {"export": logits}` around a plain module, so `evaluate` scores it like a method."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def to(self, device: Any) -> ExportedPredictor:
+        self.model.to(device)
+        return self
+
+    def eval(self) -> ExportedPredictor:
+        self.model.eval()
+        return self
+
+    def on_evaluate_start(self) -> None:
+        pass
+
+    def eval_settings(self) -> dict[str, Any]:
+        return {}
+
+    def predict(self, x: Any) -> dict[str, Any]:
+        return {"export": self.model(x)}
+
+
+EVAL_DEFAULTS: dict[str, Any] = {
+    "split": "test",
+    "stage": "distill",
+    "device": "auto",
+    "export": False,
+    "method": {},
+}
 OPTION_FLAGS = {"--split": "split", "--stage": "stage", "--device": "device"}
 SPLITS = ("val", "test")
 USAGE = """usage: gendd-eval run_dir=RUN [split=test|val] [stage=distill] [device=auto|cpu|cuda:N]
-                  [method.KEY=VALUE ...] [method/GROUP=OPTION ...]
+                  [export=true] [method.KEY=VALUE ...] [method/GROUP=OPTION ...]
        gendd-eval RUN_DIR [method.KEY=VALUE ...] [--split test|val] [--stage NAME] [--device DEV]
 
 Re-evaluates RUN's best-on-val weights of one stage with changed evaluation settings and prints JSON.
 A method component whose name changes is replaced, not merged: method/sampler=ddim drops the DDPM
-sampler's temperature. RUN is absolute or relative to the working directory; nothing is written."""
+sampler's temperature. export=true scores student.pt in the predictor the run's method exports (what
+teacher=from_run uses). RUN is absolute or relative to the working directory; nothing is written."""
 
 
 def to_hydra(arg: str) -> str:
@@ -153,8 +195,10 @@ def to_hydra(arg: str) -> str:
             "gendd-eval re-evaluates the run's own method; change it with method.KEY=VALUE or "
             "method/GROUP=OPTION (e.g. method/sampler=ddim)"
         )
-    if bare not in ("split", "stage", "device"):
-        raise ConfigError(f"unknown override '{arg}'; expected run_dir=, split=, stage=, device=, method.*")
+    if bare not in ("split", "stage", "device", "export"):
+        raise ConfigError(
+            f"unknown override '{arg}'; expected run_dir=, split=, stage=, device=, export=, method.*"
+        )
     return arg
 
 
@@ -210,7 +254,9 @@ def run_eval(argv: list[str]) -> dict[str, Any]:
     cfg = compose_eval(overrides)
     method = OmegaConf.to_container(cfg.method, resolve=True)
     evaluator = RunEvaluator(run_dir, str(cfg.stage), str(cfg.device))
-    result = evaluator.evaluate(method, str(cfg.split))
+    if not isinstance(cfg.export, bool):
+        raise ConfigError(f"export={cfg.export}: expected true or false")
+    result = evaluator.evaluate(method, str(cfg.split), export=cfg.export)
     return {"run_dir": str(evaluator.run_dir), "stage": cfg.stage, "split": cfg.split, **result}
 
 

@@ -97,10 +97,12 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
     from gendd_framework.preflight import preflight
     from gendd_framework.provenance import provenance
     from gendd_framework.registry import STAGES
+    from gendd_framework.stages import referenced_plugins
 
     cfg = config_lib.apply_recipe(cfg, overrides)  # `overrides`: the job's command line, which wins
     config_lib.validate(cfg)
     plugins = load_plugins(cfg.get("plugins") or [])
+    load_plugins(referenced_plugins(cfg), scan_default_dirs=False)  # `teacher=from_run` runs' methods
     if plugins:  # recorded absolute, so gendd-eval and from_run work from any directory
         cfg = cfg.copy()
         cfg.plugins = plugins
@@ -109,7 +111,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
     main = distributed.is_main_process()
     check_resume(cfg, run_dir)
     data, loader_cfg = build_data(cfg.data)
-    preflight(cfg, data.num_classes, data.input_shape, len(data.train))
+    preflight(cfg, data, loader_cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
@@ -141,16 +143,34 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
         ctx.logger.close()
     summary.update(elapsed_s=elapsed(started), **ctx.results)
     summary.update(objective(ctx.results))
+    predictor = None
+    if "student" in ctx.models:
+        predictor, summary["export"] = final_predictor(ctx)
     if not main:
         return summary
     write_summary(run_dir, summary)
     (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
-    if "student" in ctx.models:
-        atomic_save(ctx.models["student"].state_dict(), run_dir / "student.pt")
+    if predictor is not None:
+        atomic_save(predictor.state_dict(), run_dir / "student.pt")
     from gendd_framework.plots import plot_metrics
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     return summary
+
+
+def final_predictor(ctx: RunContext) -> tuple[Any, dict[str, Any]]:
+    """What `student.pt` holds and how to rebuild it (summary.json's `export`): the `export()` of the
+    method that trained the run's final student, or that student itself when the method exports its
+    student (the default) or a later stage replaced it. `teacher=from_run` and `gendd-eval
+    export=true` rebuild a method's predictor from the run's config with the recorded data facts."""
+    student, method = ctx.models["student"], ctx.models.get("method")
+    if method is None or ctx.method_stage is None or getattr(method, "student_model", None) is not student:
+        return student, {"predictor": "student"}
+    predictor = method.export() if hasattr(method, "export") else student
+    if predictor is student:
+        return student, {"predictor": "student"}
+    record = {"predictor": "method", "stage": ctx.method_stage, "module": type(predictor).__name__}
+    return predictor, {**record, "facts": ctx.facts.as_dict()}
 
 
 def objective(results: dict[str, Any]) -> dict[str, Any]:

@@ -15,16 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 
-from gendd_framework.data.base import BatchDataset, DataSplits
+from gendd_framework.context import DataFacts
+from gendd_framework.data.base import BatchDataset, DataSplits, data_facts
 from gendd_framework.engine import distributed
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.checkpoint import seed_worker
 from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogger
+from gendd_framework.engine.optim import build_optimizer
 from gendd_framework.engine.speed import apply_speed, loader_options
 from gendd_framework.engine.teacher_cache import cache_for_run, wrap_train_dataset
 from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate, optimizer_steps_per_epoch
 from gendd_framework.errors import ConfigError
-from gendd_framework.registry import DATASETS, LOGGERS, OPTIMIZERS, SCHEDULERS, split_spec
+from gendd_framework.methods.base import required_views, unoptimised_parameters
+from gendd_framework.registry import DATASETS, LOGGERS, METHODS, SCHEDULERS, split_spec
 
 LOG = logging.getLogger("gendd_framework")
 LOADER_DEFAULTS = {"batch_size": 64, "eval_batch_size": 256, "num_workers": 0, "pin_memory": None}
@@ -42,23 +45,39 @@ class RunContext:
     logger: MetricLogger
     models: dict[str, nn.Module] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    method_stage: str | None = None  # the stage that built `models["method"]` (its export is student.pt)
+    _facts: DataFacts | None = field(default=None, repr=False)
 
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    @property
+    def facts(self) -> DataFacts:
+        """What methods may know of the data at build time (read once)."""
+        if self._facts is None:
+            self._facts = data_facts(self.data)
+        return self._facts
+
     def loader(
-        self, split: str, *, shuffle_seed: int | None = None, all_labels: bool = False, wrap=None
+        self,
+        split: str,
+        *,
+        shuffle_seed: int | None = None,
+        all_labels: bool = False,
+        wrap=None,
+        views: int = 1,
     ) -> tuple[DataLoader, torch.Generator | None]:
         """Batches as mappings; the training split hides the labels outside `data.label_mask` unless
-        `all_labels` (teachers train on every label).
+        `all_labels` (teachers train on every label), and serves `views` augmented draws of each
+        sample (`input`, `input_1`, ...).
 
         Under DDP (and with one process alike) training batches come from this rank's shard of a
         per-epoch permutation (a DistributedSampler: `data.loader.batch_size` is per rank) and the other
         splits are sharded without padding, so evaluation covers each sample once."""
         train = split == "train"
         mask = self.data.label_mask if train and not all_labels else None
-        dataset = BatchDataset(getattr(self.data, split), mask)
+        dataset = BatchDataset(getattr(self.data, split), mask, views=views if train else 1)
         if wrap is not None:  # e.g. replayable augmentation views (engine/teacher_cache.py)
             dataset = wrap(dataset)
         # the train generator seeds the loader's workers (reseeded per epoch and rank by the Trainer)
@@ -126,6 +145,37 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> LoggerGroup:
     return group
 
 
+def build_method(
+    node: Any, student: nn.Module, teacher: nn.Module | None, facts: DataFacts, **extra: Any
+) -> nn.Module:
+    """The one way a stage (or gendd-eval, or `teacher=from_run`) builds a configured method: the
+    `method:` node's kwargs plus the runtime objects a factory may accept (`student`, `teacher`,
+    `facts`, and its fields `num_classes`, `input_shape`, `num_samples`)."""
+    name, kwargs = split_spec(node, "method")
+    return METHODS.build(
+        {"name": name, **kwargs},
+        student=student,
+        teacher=teacher,
+        facts=facts,
+        num_classes=facts.num_classes,
+        input_shape=facts.input_shape,
+        num_samples=facts.num_samples,
+        **extra,
+    )
+
+
+def check_parameters(method: nn.Module, groups: list[dict], stage: str) -> None:
+    """Every parameter that requires grad is optimised: else a one-line error naming them."""
+    missing = unoptimised_parameters(method, groups)
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ConfigError(
+            f"stage '{stage}': {type(method).__name__} has parameters that require grad but are in no "
+            f"param group, so they would never change: {shown}; return them from param_groups() / "
+            "custom_param_groups(), or freeze them (requires_grad_(False))"
+        )
+
+
 def fit_method(
     ctx: RunContext,
     method,
@@ -142,18 +192,25 @@ def fit_method(
 
     `reference` is the teacher that evaluation metrics (agreement, KL) compare with."""
     method.to(ctx.device)
+    views = required_views(method, ctx.facts.sample_keys)  # one-line error for keys the data lacks
     applied = apply_speed(method, trainer.speed)
+    _, opt_kwargs = split_spec(optim, "optimizer")
+    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
+    check_parameters(method, groups, stage)
     cache = cache_for_run(ctx, method, trainer)  # None unless trainer.teacher_cache.mode is set
     if applied or cache is not None:
-        LOG.info("%s: speed options %s; teacher cache %s", stage, applied, cache.folder if cache else "off")
+        where = cache.stats().get("folder", "off") if cache is not None else "off"
+        LOG.info("%s: speed options %s; teacher cache %s", stage, applied, where)
     train_loader, generator = ctx.loader(
-        "train", shuffle_seed=seed, all_labels=all_labels, wrap=lambda d: wrap_train_dataset(d, cache)
+        "train",
+        shuffle_seed=seed,
+        all_labels=all_labels,
+        wrap=lambda d: wrap_train_dataset(d, cache),
+        views=views,
     )
     val_loader, _ = ctx.loader("val")
     test_loader, _ = ctx.loader("test")
-    opt_name, opt_kwargs = split_spec(optim, "optimizer")
-    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
-    optimizer = OPTIMIZERS.build({"name": opt_name, **opt_kwargs}, params=groups)
+    optimizer = build_optimizer(optim, groups)
     scheduler = SCHEDULERS.build(
         sched,
         optimizer=optimizer,
@@ -188,6 +245,8 @@ def fit_method(
     record["select"] = loop.select  # the validation metric that picked `best_epoch` (Optuna's objective)
     if method.eval_settings():
         record["eval_settings"] = method.eval_settings()
+    if cache is not None:
+        record["teacher_cache"] = cache.stats()
     ctx.logger.log(
         {
             "stage": stage,

@@ -17,6 +17,7 @@ from torch import nn
 
 from gendd_framework import config as config_lib
 from gendd_framework.config import plain
+from gendd_framework.context import DataFacts
 from gendd_framework.data.base import BatchDataset
 from gendd_framework.engine import distributed
 from gendd_framework.engine.checkpoint import atomic_save, seed_everything
@@ -24,11 +25,11 @@ from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.engine.statistics import TeacherStatistics
 from gendd_framework.engine.trainer import evaluate
 from gendd_framework.errors import ConfigError
-from gendd_framework.methods.base import freeze
+from gendd_framework.methods.base import freeze, release_taps, required_views
 from gendd_framework.models import build_model, load_state_dict_file
 from gendd_framework.models.ensemble import EnsembleTeacher
 from gendd_framework.registry import METHODS, STAGES, split_spec
-from gendd_framework.runtime import RunContext, fit_method
+from gendd_framework.runtime import RunContext, build_method, fit_method
 
 # data keys that do not change a trained teacher (it always trains on every label; these loader keys
 # change speed, not arithmetic)
@@ -36,8 +37,9 @@ TEACHER_NEUTRAL_DATA_KEYS = ("label_fraction",)
 TEACHER_NEUTRAL_LOADER_KEYS = ("eval_batch_size", "num_workers", "pin_memory")
 TEACHER_EVAL_EVERY = 1  # teachers select their best epoch on every epoch's validation
 # Bumped whenever the training loop's arithmetic changes for the same config, so a teacher cached by
-# earlier code is retrained rather than reused (2: the train split is drawn by a DistributedSampler).
-TEACHER_RECIPE_VERSION = 2
+# earlier code is retrained rather than reused (2: the train split is drawn by a DistributedSampler;
+# 3: the CIFAR VGG and ShuffleNetV1 now compute the upstream networks' functions).
+TEACHER_RECIPE_VERSION = 3
 
 
 def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) -> str:
@@ -107,7 +109,8 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
 
 
 def teacher_from_run(ctx: RunContext, node: dict) -> tuple[nn.Module, dict[str, Any]]:
-    """The student of an earlier run (`<run_dir>/student.pt`), built from that run's saved config."""
+    """The predictor an earlier run exported (`<run_dir>/student.pt`), rebuilt from that run's saved
+    config (`run_predictor`), or loaded into `teacher.model` when that is set."""
     run_dir = Path(str(node["run_dir"])).expanduser()
     config_path, weights = config_lib.run_config_path(run_dir), run_dir / "student.pt"
     if config_path is None or not weights.is_file():
@@ -115,11 +118,85 @@ def teacher_from_run(ctx: RunContext, node: dict) -> tuple[nn.Module, dict[str, 
             f"teacher.run_dir={run_dir} is not a finished gendd-train run "
             "(needs config_resolved.yaml or .hydra/config.yaml, and student.pt)"
         )
-    spec = node.get("model") or plain(OmegaConf.load(config_path).student)
-    model = build_model(
-        {**spec, "checkpoint": str(weights), "freeze": None}, num_classes=ctx.data.num_classes
-    )
+    if node.get("model"):
+        spec = {**plain(node["model"]), "checkpoint": str(weights), "freeze": None}
+        return build_model(spec, num_classes=ctx.data.num_classes), {"source": f"run:{weights}"}
+    model = run_predictor(run_dir, ctx.data.num_classes)
+    try:
+        model.load_state_dict(load_state_dict_file(weights))
+    except RuntimeError as exc:
+        raise ConfigError(f"{weights} does not fit the predictor its run exports: {exc}") from None
     return model, {"source": f"run:{weights}"}
+
+
+def architecture(spec: Any) -> dict[str, Any]:
+    """A model spec without its initial weights file or frozen paths: the architecture alone."""
+    return {k: v for k, v in plain(spec).items() if k not in ("checkpoint", "freeze")}
+
+
+def stage_teacher_architecture(cfg: Any, stage: str, num_classes: int) -> nn.Module | None:
+    """The teacher a student-training stage of `cfg` had, as modules without trained weights: the
+    student architecture for `born_again`, the `teacher:` config's when a `teacher` stage runs before
+    it, else None (a teacher-free stage)."""
+    kinds = []
+    for spec in cfg.stages:
+        name, kwargs = split_spec(spec, "stage")
+        kinds.append((kwargs.get("stage_name", name), name))
+    keys = [key for key, _ in kinds]
+    position = keys.index(stage) if stage in keys else len(kinds)
+    kind = kinds[position][1] if position < len(kinds) else stage
+    if kind == "born_again":
+        return build_model(architecture(cfg.student), num_classes=num_classes)
+    if any(name == "teacher" for _, name in kinds[:position]) and cfg.get("teacher"):
+        return teacher_architecture(cfg.teacher, num_classes)
+    return None
+
+
+def run_predictor(run_dir: Path, num_classes: int) -> nn.Module:
+    """The predictor a finished run exported, as modules without trained weights (`student.pt` holds
+    them). A run whose method exports more than its student (summary.json's `export` record) gets
+    that method rebuilt from its config, with the data facts it was built with, and its `export()`
+    (its plugins are loaded by whoever reads the run: `referenced_plugins`); otherwise the run's
+    student architecture (`num_classes` is used when the run recorded none)."""
+    config_path = config_lib.run_config_path(run_dir)
+    if config_path is None:
+        raise ConfigError(
+            f"teacher.run_dir={run_dir} is not a finished gendd-train run "
+            "(no config_resolved.yaml or .hydra/config.yaml)"
+        )
+    cfg = config_lib.apply_recipe(OmegaConf.load(config_path))
+    summary = run_dir / "summary.json"
+    export = (json.loads(summary.read_text()).get("export") if summary.is_file() else None) or {}
+    if export.get("predictor") != "method":
+        return build_model(architecture(cfg.student), num_classes=num_classes)
+    facts = DataFacts.from_dict(export["facts"])
+    student = build_model(architecture(cfg.student), num_classes=facts.num_classes)
+    teacher = stage_teacher_architecture(cfg, export["stage"], facts.num_classes)
+    try:
+        method = build_method(cfg.method, student, teacher, facts)
+    except ConfigError as exc:
+        raise ConfigError(f"rebuilding the predictor of {run_dir}: {exc}") from None
+    predictor = method.export()
+    release_taps(method, keep=predictor)  # the method is discarded: its hooks must not outlive it
+    return predictor
+
+
+def referenced_plugins(cfg: Any) -> list[str]:
+    """The `plugins` of the earlier runs a config's teacher comes from (`teacher.run_dir`, followed
+    back through their own teachers): what rebuilding their exported predictors needs. The pipeline
+    and gendd-eval load them with the run's own plugins."""
+    found: list[str] = []
+    seen: set[str] = set()
+    run_dir = OmegaConf.select(cfg, "teacher.run_dir", default=None, throw_on_missing=False)
+    while run_dir and str(run_dir) not in seen:
+        seen.add(str(run_dir))
+        path = config_lib.run_config_path(Path(str(run_dir)).expanduser())
+        if path is None:
+            break
+        earlier = OmegaConf.load(path)
+        found += [str(p) for p in earlier.get("plugins") or []]
+        run_dir = OmegaConf.select(earlier, "teacher.run_dir", default=None, throw_on_missing=False)
+    return list(dict.fromkeys(found))
 
 
 def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
@@ -130,13 +207,7 @@ def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
         members = [build_model(m["model"], num_classes=num_classes) for m in tcfg["members"]]
         return EnsembleTeacher(members, tcfg.get("combine", "probs"))
     if tcfg.get("run_dir") and not tcfg.get("model"):
-        config_path = config_lib.run_config_path(Path(str(tcfg["run_dir"])).expanduser())
-        if config_path is None:
-            raise ConfigError(
-                f"teacher.run_dir={tcfg['run_dir']} is not a finished gendd-train run "
-                "(no config_resolved.yaml or .hydra/config.yaml)"
-            )
-        return build_model(plain(OmegaConf.load(config_path).student), num_classes=num_classes)
+        return run_predictor(Path(str(tcfg["run_dir"])).expanduser(), num_classes)
     return build_model(tcfg["model"], num_classes=num_classes)
 
 
@@ -186,17 +257,11 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
 def train_student(
     ctx: RunContext, student: nn.Module, teacher: nn.Module | None, stage_name: str
 ) -> dict[str, Any]:
-    """Build `cfg.method` around student and teacher, run its prepare hook, then fit and evaluate."""
+    """Build `cfg.method` around student and teacher (None: a teacher-free stage), check what it
+    declares against the data, run its prepare hook, then fit and evaluate."""
     cfg = ctx.cfg
-    method_name, method_kwargs = split_spec(cfg.method, "method")
-    method = METHODS.build(
-        {"name": method_name, **method_kwargs},
-        student=student,
-        teacher=teacher,
-        num_classes=ctx.data.num_classes,
-        input_shape=ctx.data.input_shape,
-        num_samples=len(ctx.data.train),
-    )
+    method = build_method(cfg.method, student, teacher, ctx.facts)
+    required_views(method, ctx.facts.sample_keys)  # keys the data cannot serve fail here, in one line
     method.to(ctx.device)
     if getattr(method, "teacher", None) is not None:
         method.prepare(teacher_statistics(ctx, method.teacher.model))
@@ -212,6 +277,7 @@ def train_student(
     )
     ctx.models["student"] = method.student_model
     ctx.models["method"] = method  # later stages (reflow) continue from the trained method
+    ctx.method_stage = stage_name  # its export() is the run's student.pt
     return record
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -280,22 +280,23 @@ class TrainStep(nn.Module):
         return self._method[0].training_step(batch, ctx)
 
 
-def module_tensors(modules: Iterable[nn.Module]) -> Iterator[torch.Tensor]:
-    """Every parameter and buffer of `modules`, each once, in a fixed order."""
-    seen: set[int] = set()
-    for module in modules:
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if id(tensor) not in seen:
-                seen.add(id(tensor))
-                yield tensor
+def method_state(method: nn.Module, params: Iterable[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """`params` (the optimizer's), then every other parameter and buffer the method owns, each once,
+    in a fixed order: what every rank must start from and keep equal to rank 0's. A frozen `teacher`
+    is left out (loaded alike everywhere, never changed); one that changes (`teacher_is_frozen`
+    False: an EMA teacher) is included."""
+    frozen = getattr(method, "teacher_is_frozen", True)
+    named = [*method.named_parameters(remove_duplicate=False), *method.named_buffers(remove_duplicate=False)]
+    own = [t for name, t in named if not (frozen and name.startswith("teacher."))]
+    return list({id(t): t for t in [*params, *own]}.values())
 
 
 @torch.no_grad()
-def broadcast_tensors(modules: Iterable[nn.Module], src: int = 0) -> None:
-    """Copy rank `src`'s parameters and buffers into every rank's `modules` (no-op with one process)."""
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Copy rank `src`'s `tensors` into every rank's (no-op with one process)."""
     if not info().enabled:
         return
-    for tensor in module_tensors(modules):
+    for tensor in tensors:
         dist.broadcast(tensor.data, src=src)
 
 
@@ -332,20 +333,22 @@ class StepRunner:
         self.method = method
         self.find_unused = find_unused_parameters
         self.ddp: nn.parallel.DistributedDataParallel | None = None
+        self.optimised: set[int] = set()  # ids of the optimizer's parameters (DDP all-reduces them)
         current = info()
         if not current.enabled:
             return
-        trainable = list(method.trainable_modules())
         if sync_bn:
             if device.type != "cuda":
                 raise ConfigError(
                     "trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm synchronises GPU "
                     "tensors only); use trainer.sync_bn=false on the CPU"
                 )
+            trainable = [m for name, m in method.named_children() if name != "teacher"]
             LOG.info("sync_bn: %d BatchNorm layers synchronised across ranks", convert_sync_bn(trainable))
-        broadcast_tensors(trainable)  # every rank starts from rank 0's parameters and buffers
         # TrainStep holds parameters only: buffers stay outside DDP and are broadcast after each epoch
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.optimised = {id(p) for p in params}
+        broadcast_tensors(method_state(method, params))  # every rank starts from rank 0's state
         self.ddp = nn.parallel.DistributedDataParallel(
             TrainStep(method, params),
             device_ids=[device] if device.type == "cuda" else None,
@@ -373,10 +376,9 @@ class StepRunner:
         return self.ddp.no_sync()
 
     def sync_buffers(self) -> None:
-        """Rank 0's buffers (BatchNorm running statistics, term memories) on every rank."""
+        """Rank 0's buffers (BatchNorm running statistics, term memories, an EMA's state) on every
+        rank: every buffer the method owns outside its frozen teacher, and parameters that no optimizer
+        updates but a hook may (an EMA teacher's weights)."""
         if self.ddp is None:
             return
-        buffers = [b for m in self.method.trainable_modules() for b in m.buffers()]
-        with torch.no_grad():
-            for buffer in dict.fromkeys(buffers):
-                dist.broadcast(buffer.data, src=0)
+        broadcast_tensors(t for t in method_state(self.method) if id(t) not in self.optimised)

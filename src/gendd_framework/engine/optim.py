@@ -1,19 +1,46 @@
 """Optimizers and per-iteration LR schedules, registered by name.
 
-Schedules are `LambdaLR` multipliers of the base LR evaluated at every iteration, so warmup and decay
-are smooth and their state (just the step count) is checkpointed exactly.
+Schedules are `LambdaLR` multipliers of each param group's initial LR evaluated at every iteration, so
+warmup and decay are smooth, a group with its own LR (a method's `custom_param_groups`, resolved by
+`build_optimizer`) follows the same curve at its own scale, and their state (just the step count) is
+checkpointed exactly.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.registry import OPTIMIZERS, SCHEDULERS
+from gendd_framework.registry import OPTIMIZERS, SCHEDULERS, split_spec
+
+
+def build_optimizer(node: Mapping[str, Any] | Any, groups: list[dict]) -> torch.optim.Optimizer:
+    """The `optim:` node's optimizer over a method's param groups. A group may carry `lr` (absolute),
+    `lr_scale` (times the optimizer's lr) and `weight_decay`; built before the LR schedule, so the
+    schedule's multipliers apply to every group's own initial lr."""
+    name, kwargs = split_spec(node, "optimizer")
+    for group in groups:
+        scale = group.get("lr_scale")
+        where = f"param group '{group.get('group', '?')}'"
+        if scale is not None and (
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0
+        ):
+            raise ConfigError(f"{where}: lr_scale must be a number > 0, got {scale!r}")
+        if scale is not None and "lr" in group:
+            raise ConfigError(f"{where} sets both lr and lr_scale; keep one")
+    try:
+        optimizer = OPTIMIZERS.build({"name": name, **kwargs}, params=groups)
+    except ValueError as exc:  # e.g. a parameter in two groups
+        raise ConfigError(f"optimizer {name}: {exc}") from None
+    for group in optimizer.param_groups:
+        if group.get("lr_scale") is not None:
+            group["lr"] = group["lr"] * group["lr_scale"]
+    return optimizer
 
 
 def implementation(name: str, fused: bool | None, foreach: bool | None) -> dict[str, bool | None]:
@@ -67,8 +94,8 @@ def adamw(
     params = list(params)
     kernel = implementation("adamw", fused, foreach)
     if fused is None and not foreach:
-        first = params[0]["params"][0] if isinstance(params[0], dict) else params[0]
-        kernel["fused"] = bool(first.is_cuda)
+        tensors = [p for g in params for p in g["params"]] if isinstance(params[0], dict) else params
+        kernel["fused"] = bool(tensors and tensors[0].is_cuda)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, **kernel)
     if beta2_min is not None:
         beta2_max = float(betas[1])

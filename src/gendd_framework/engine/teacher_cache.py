@@ -10,6 +10,13 @@ The correctness rule: a cached output is only ever used for the very input it wa
   training split, `view` which augmented draw of it the student saw.
 - Every entry stores a fingerprint of its input (two float64 sums per sample); a read whose batch input
   differs from the fingerprint raises instead of returning another view's teacher output.
+- Only what the cache can prove it keyed is cached: the tensor the teacher is called on must be one of
+  the batch's own tensors (`batch["input"]`, or a view such as `batch["input_1"]`, stored apart), and
+  the teacher must be frozen: a method declaring `teacher_is_frozen = False` (an EMA teacher) gets no
+  cache, and a teacher whose weights change in place (tensor version counters, confirmed by a digest),
+  that is replaced or put in train mode turns the cache off for the rest of the run. Any other input
+  (a mixed or sliced tensor) is computed and counted as `bypassed`. Each decision is logged once and
+  recorded in the stage's summary (`teacher_cache`).
 
 Modes:
 - `deterministic`: one view per sample. Allowed only when the training transform is deterministic
@@ -23,13 +30,16 @@ Modes:
 Entries are filled lazily: a batch with any sample missing runs the teacher on the whole batch (the
 uncached computation, so a filling run's losses equal an uncached run's) and stores the new samples;
 a batch whose samples are all present skips the teacher. Views are saved as
-`<dir>/<key>/view_<v>.pt` when the epoch moves on and at the end of training.
+`<dir>/<key>/view_<v>.pt` (`view_<v>.<batch key>.pt` for `input_1`, ...) when the epoch moves on and at
+the end of training, after checking that the teacher's weights still hash to the key's digest (a
+teacher changed behind the version counters, e.g. through `.data`, stops the run instead).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,8 +52,12 @@ from torch.utils.data import Dataset
 from gendd_framework.data.replay import ReplayViews, check_deterministic, describe_transform
 from gendd_framework.engine.checkpoint import atomic_save
 from gendd_framework.engine.statistics import weights_digest
+from gendd_framework.engine.teacher_store import TeacherWatch, ViewStore, fingerprint, load_store
 from gendd_framework.errors import ConfigError
 
+__all__ = ["CacheConfig", "TeacherCache", "RefusedCache", "TeacherWatch", "ViewStore", "fingerprint"]
+
+LOG = logging.getLogger("gendd_framework")
 MODES = ("off", "deterministic", "replay")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 KEYS = ("mode", "dir", "views", "seed", "dtype", "verify")
@@ -93,14 +107,6 @@ def _is_int(v: Any) -> bool:
 
 
 # -- fingerprints and keys --------------------------------------------------------------------------
-def fingerprint(x: torch.Tensor) -> torch.Tensor:
-    """(B, 2) float64 per-sample sum and sin-weighted sum: equal inputs agree, any change of pixels,
-    shift or flip moves the weighted sum."""
-    flat = x.detach().reshape(x.shape[0], -1).to(torch.float64)
-    weights = torch.sin(torch.arange(flat.shape[1], dtype=torch.float64, device=x.device) * 0.7 + 0.3)
-    return torch.stack([flat.sum(1), (flat * weights).sum(1)], dim=1)
-
-
 def cache_key(teacher: nn.Module, taps: list[str], recipe: Mapping[str, Any]) -> tuple[str, dict]:
     """(hex key, the recipe it hashes): teacher weights digest + class + taps + data/transform/numerics."""
     full = {
@@ -115,48 +121,6 @@ def cache_key(teacher: nn.Module, taps: list[str], recipe: Mapping[str, Any]) ->
 
 
 # -- the cache --------------------------------------------------------------------------------------
-class ViewStore:
-    """One view's entries: per-tap tensors (N, ...), a filled mask and the input fingerprints."""
-
-    def __init__(self, num_samples: int) -> None:
-        self.num_samples = num_samples
-        self.taps: dict[str, torch.Tensor] = {}
-        self.filled = torch.zeros(num_samples, dtype=torch.bool)
-        self.prints = torch.zeros(num_samples, 2, dtype=torch.float64)
-        self.dtypes: dict[str, str] = {}  # each tap's computed dtype (reads return it, whatever is stored)
-        self.dirty = False
-
-    def state(self) -> dict[str, Any]:
-        return {"taps": self.taps, "filled": self.filled, "fingerprint": self.prints, "dtypes": self.dtypes}
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any]) -> ViewStore:
-        store = cls(len(state["filled"]))
-        store.taps, store.filled, store.prints = dict(state["taps"]), state["filled"], state["fingerprint"]
-        store.dtypes = dict(state["dtypes"])
-        return store
-
-    def read(self, idx: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        return {
-            k: v.index_select(0, idx).to(device, getattr(torch, self.dtypes[k]), non_blocking=True)
-            for k, v in self.taps.items()
-        }
-
-    def merge(self, other: ViewStore) -> None:
-        """Take `other`'s entries this store lacks (another run filled them since we loaded)."""
-        new = other.filled & ~self.filled
-        if not bool(new.any()):
-            return
-        for key, values in other.taps.items():
-            if key not in self.taps:
-                self.taps[key] = values.clone()
-                self.dtypes[key] = other.dtypes[key]
-            else:
-                self.taps[key][new] = values[new].to(self.taps[key].dtype)
-        self.prints[new] = other.prints[new]
-        self.filled |= new
-
-
 class TeacherCache:
     """Teacher taps by (view, index) in `root/key/view_<v>.pt`; see the module docstring."""
 
@@ -171,30 +135,69 @@ class TeacherCache:
         mode: str = "deterministic",
         seed: int = 0,
         views: int = 1,
+        watch: TeacherWatch | None = None,
     ) -> None:
         self.folder = Path(root).expanduser() / key
         self.key, self.num_samples, self.verify = key, int(num_samples), verify
         self.mode, self.seed, self.views = mode, int(seed), int(views)  # how the loader draws views
         self.dtype = DTYPES[dtype] if dtype else None
+        self.watch = watch
         self.view: int | None = None
-        self.store: ViewStore | None = None
-        self.hits = self.misses = 0
+        self.stores: dict[str, ViewStore] = {}  # the current view's stores, by batch key
+        self.hits = self.misses = self.bypassed = 0
+        self.off: str | None = None  # why the cache turned itself off (None: on)
+        self._bypass_noted = False
 
-    def path(self, view: int) -> Path:
-        return self.folder / f"view_{view}.pt"
+    def path(self, view: int, key: str = "input") -> Path:
+        return self.folder / (f"view_{view}.pt" if key == "input" else f"view_{view}.{key}.pt")
 
-    def _select(self, view: int) -> ViewStore:
-        if self.view != view or self.store is None:
+    def _select(self, view: int, key: str = "input") -> ViewStore:
+        if self.view != view:
             self.flush()
-            path = self.path(view)
-            self.store = ViewStore.from_state(_load(path)) if path.is_file() else ViewStore(self.num_samples)
-            self.view = view
-        return self.store
+            self.stores, self.view = {}, view
+        if key not in self.stores:
+            path = self.path(view, key)
+            self.stores[key] = (
+                ViewStore.from_state(load_store(path)) if path.is_file() else ViewStore(self.num_samples)
+            )
+        return self.stores[key]
 
-    def lookup(self, batch: Mapping[str, Any], compute: Callable[[], dict[str, torch.Tensor]]) -> dict:
-        """The teacher taps of `batch`: read when every sample is cached, else `compute()` and store."""
+    def turn_off(self, reason: str) -> None:
+        """Stop reading and writing for the rest of the run (entries saved so far stay valid)."""
+        if self.off is None:
+            self.off = reason
+            LOG.warning("teacher cache off: %s; the teacher runs on every batch from now on", reason)
+            for store in self.stores.values():
+                store.dirty = False  # entries of this view may postdate the change: never saved
+
+    def lookup(
+        self,
+        batch: Mapping[str, Any],
+        compute: Callable[[], dict[str, torch.Tensor]],
+        x: torch.Tensor | None = None,
+        teacher: nn.Module | None = None,
+    ) -> dict:
+        """The teacher taps of `x` (default `batch["input"]`): read when every sample is cached, else
+        `compute()` and store. `x` must be one of the batch's tensors, else it is computed uncached."""
+        if self.off is not None:
+            return compute()
+        key = "input" if x is None else next((k for k, v in batch.items() if v is x), None)
+        if key is None:
+            self.bypassed += 1
+            if not self._bypass_noted:
+                self._bypass_noted = True
+                LOG.info(
+                    "teacher cache: the teacher was called on a tensor that is not one of the batch's "
+                    "(%s); such calls are computed, never cached",
+                    ", ".join(map(str, batch)),
+                )
+            return compute()
+        reason = self.watch.changed(teacher) if self.watch is not None else None
+        if reason is not None:
+            self.turn_off(reason)
+            return compute()
         index = batch.get("index")
-        x = batch["input"]
+        x = batch[key]
         if not isinstance(index, torch.Tensor):
             return compute()
         views = batch.get("view")
@@ -207,7 +210,7 @@ class TeacherCache:
                 f"teacher cache: batch index {int(idx.max())} outside the training split "
                 f"({self.num_samples} samples); the cache reads only training batches"
             )
-        store = self._select(view)
+        store = self._select(view, key)
         prints = fingerprint(x).cpu()
         known = store.filled[idx]
         if self.verify and bool(known.any()):
@@ -254,25 +257,47 @@ class TeacherCache:
         store.dirty = True
 
     def flush(self) -> None:
-        """Save the current view if it gained entries (merged with what other runs saved meanwhile)."""
-        store = self.store
-        if store is None or not store.dirty or self.view is None:
+        """Save the current view's stores that gained entries (merged with what other runs saved
+        meanwhile), once the teacher is confirmed unchanged."""
+        dirty = {k: s for k, s in self.stores.items() if s.dirty}
+        if not dirty or self.view is None:
             return
-        path = self.path(self.view)
-        if path.is_file():
-            store.merge(ViewStore.from_state(_load(path)))
-        atomic_save(store.state(), path)
-        store.dirty = False
+        if self.watch is not None and not self.watch.same_weights():
+            self.turn_off("the teacher's weights changed behind its version counters (a `.data` write?)")
+            raise ConfigError(
+                f"teacher cache {self.folder}: the teacher's weights changed during training, so cached "
+                "outputs were stale; declare `teacher_is_frozen = False` on the method (nothing was saved)"
+            )
+        for key, store in dirty.items():
+            path = self.path(self.view, key)
+            if path.is_file():
+                store.merge(ViewStore.from_state(load_store(path)))
+            atomic_save(store.state(), path)
+            store.dirty = False
 
     def stats(self) -> dict[str, Any]:
-        return {"key": self.key, "folder": str(self.folder), "hits": self.hits, "misses": self.misses}
+        """What the stage summary records: on/off (and why), hits, misses, bypassed calls, where."""
+        state = {"state": "off", "reason": self.off} if self.off else {"state": "on"}
+        counts = {"hits": self.hits, "misses": self.misses, "bypassed": self.bypassed}
+        return {**state, "mode": self.mode, **counts, "key": self.key, "folder": str(self.folder)}
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file from a killed save cannot happen (atomic), a foreign one can
-        raise ConfigError(f"cannot read teacher cache file {path}: {exc}; delete it to rebuild") from exc
+class RefusedCache:
+    """A cache the method's declarations rule out (e.g. `teacher_is_frozen = False`): every lookup
+    computes; `stats()` says why, so the stage summary records it."""
+
+    def __init__(self, mode: str, reason: str) -> None:
+        self.mode, self.off = mode, reason
+        LOG.warning("teacher cache off: %s", reason)
+
+    def lookup(self, batch: Mapping[str, Any], compute: Callable[[], dict], **_: Any) -> dict:
+        return compute()
+
+    def flush(self) -> None:
+        pass
+
+    def stats(self) -> dict[str, Any]:
+        return {"state": "off", "reason": self.off, "mode": self.mode}
 
 
 # -- wiring -----------------------------------------------------------------------------------------
@@ -287,12 +312,21 @@ def attach_teacher_cache(
     epochs: int,
 ) -> TeacherCache | None:
     """Build the cache for `method`'s teacher and attach it (`method.teacher_cache`); None when the
-    mode is off or the method has no teacher. `numerics` names what changes the teacher's arithmetic
-    (precision, channels_last, teacher compile, device type)."""
+    mode is off or the method has no teacher, a `RefusedCache` when the method declares a teacher that
+    changes (`teacher_is_frozen = False`) or the teacher is in train mode. `numerics` names what
+    changes the teacher's arithmetic (precision, channels_last, teacher compile, device type)."""
     config = CacheConfig.from_mapping(config)
     tap = getattr(method, "teacher", None)
     if config.mode == "off" or tap is None:
         return None
+    refusal = None
+    if not getattr(method, "teacher_is_frozen", True):
+        refusal = f"method {type(method).__name__} declares teacher_is_frozen = False (its teacher changes)"
+    elif getattr(tap, "model", tap).training:
+        refusal = "the teacher runs in train mode (dropout or batch statistics change its outputs)"
+    if refusal is not None:
+        method.teacher_cache = RefusedCache(config.mode, refusal)
+        return method.teacher_cache
     if config.mode == "deterministic":
         check_deterministic(train_dataset)
     views = 1 if config.mode == "deterministic" else int(config.views or epochs)
@@ -317,6 +351,7 @@ def attach_teacher_cache(
         mode=config.mode,
         seed=config.seed,
         views=views,
+        watch=TeacherWatch(tap, full["teacher"]["weights"]),
     )
     cache.folder.mkdir(parents=True, exist_ok=True)
     meta = cache.folder / "meta.json"
@@ -326,9 +361,9 @@ def attach_teacher_cache(
     return cache
 
 
-def wrap_train_dataset(dataset: Dataset, cache: TeacherCache | None) -> Dataset:
+def wrap_train_dataset(dataset: Dataset, cache: TeacherCache | RefusedCache | None) -> Dataset:
     """The training dataset the loader should serve: replayable views in replay mode, else unchanged."""
-    if cache is None or cache.mode != "replay":
+    if not isinstance(cache, TeacherCache) or cache.mode != "replay":
         return dataset
     return ReplayViews(dataset, cache.seed, cache.views)
 

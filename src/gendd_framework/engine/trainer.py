@@ -5,8 +5,9 @@ evaluation on the validation split every N epochs, atomic last/best checkpoints 
 resumed run continues exactly), metric logging, a progress bar (terminals only) and one console line per
 epoch through `logging` (Hydra sends it to the console and `<run_dir>/<job>.log`). A non-finite loss
 stops the run on the step it happens, before the optimizer step. Methods only provide `training_step`,
-`predict` and `param_groups`. Under torchrun/SLURM the same loop runs on every rank: the step goes
-through DDP, metrics are gathered over ranks and only rank 0 writes (engine/distributed.py).
+`predict` and `param_groups`; the loop calls their optional hooks at fixed points (`METHOD_HOOKS`).
+Under torchrun/SLURM the same loop runs on every rank: the step goes through DDP, metrics are gathered
+over ranks and only rank 0 writes (engine/distributed.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ from gendd_framework.engine.metrics import MetricAccumulator
 from gendd_framework.errors import ConfigError, NonFiniteLossError
 
 LOG = logging.getLogger("gendd_framework")
+# Called on the method itself (every rank, never a DDP wrapper): after each optimizer update and its
+# LR-schedule step with that step's StepContext; at the start and end of every training epoch with
+# its 0-indexed number (the end before validation and the checkpoint). `on_evaluate_start` is called
+# by `evaluate`.
+METHOD_HOOKS = ("after_optimizer_step", "on_epoch_start", "on_epoch_end")
+
+
+def method_hook(method: Any, name: str):
+    """The method's hook `name`, or None when it has none or only the base class's no-op (so the hot
+    loop does no work for it)."""
+    fn = getattr(method, name, None)
+    return None if not callable(fn) or getattr(fn, "noop_hook", False) else fn
 
 
 @dataclass
@@ -166,6 +179,7 @@ class Trainer:
             sync_bn=config.sync_bn,
             find_unused_parameters=config.find_unused_parameters,
         )
+        self.hooks = {name: method_hook(method, name) for name in METHOD_HOOKS}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def path(self, which: str) -> Path:
@@ -244,6 +258,8 @@ class Trainer:
         while self.epoch < self.cfg.epochs:
             started = time.perf_counter()
             record = self.train_one_epoch(total_steps)
+            if self.hooks["on_epoch_end"] is not None:
+                self.hooks["on_epoch_end"](self.epoch)
             self.runner.sync_buffers()  # every rank evaluates and saves rank 0's model
             self.epoch += 1
             metrics = None
@@ -303,6 +319,8 @@ class Trainer:
         GradScaler's own inf check does every fp16 step). A sync-free flag could only be read a step
         late, after the bad update."""
         self.method.train()
+        if self.hooks["on_epoch_start"] is not None:
+            self.hooks["on_epoch_start"](self.epoch)
         sampler = getattr(self.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):  # DistributedSampler: this rank's shard of epoch's permutation
             sampler.set_epoch(self.epoch)
@@ -347,7 +365,7 @@ class Trainer:
                 if update:
                     if not distributed.all_true(finite):  # the one host sync per optimizer step
                         self.stop_non_finite(pending)
-                    self.optimizer_step(total_steps)
+                    self.optimizer_step(total_steps, ctx)
                     pending, finite = [], None
                 if values is not None and keys in (None, list(detached)):
                     keys = list(detached)  # the usual case: same scalar keys every step, one vector add
@@ -393,7 +411,8 @@ class Trainer:
         LOG.error("%s: non-finite loss '%s' = %s at step %d; stopping", self.stage, key, value, self.step)
         raise NonFiniteLossError(self.stage, self.step, key, value)
 
-    def optimizer_step(self, total_steps: int) -> None:
+    def optimizer_step(self, total_steps: int, ctx: StepContext) -> None:
+        """One update: clip, step, LR schedule, then the method's `after_optimizer_step(ctx)`."""
         before_step = getattr(self.optimizer, "before_step", None)  # e.g. the AdamW beta2 ramp
         if before_step is not None:
             before_step(self.step, total_steps)
@@ -406,3 +425,6 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        after = self.hooks["after_optimizer_step"]
+        if after is not None:
+            after(ctx)

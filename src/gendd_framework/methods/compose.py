@@ -14,14 +14,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from gendd_framework.context import StepContext
+from gendd_framework.context import DataFacts, StepContext
 from gendd_framework.errors import ConfigError
-from gendd_framework.methods.base import Method
+from gendd_framework.methods.base import Method, missing_teacher
 from gendd_framework.registry import LOSSES, METHODS, WEIGHT_SCHEDULES, split_spec
 
 
 class WeightedLossMethod(Method):
-    """loss = Σ weight_i · schedule_i(ctx) · term_i; the terms' taps are collected per side."""
+    """loss = Σ weight_i · schedule_i(ctx) · term_i; the terms' taps are collected per side.
+
+    It needs a teacher exactly when one of its terms does (`needs_teacher`, set per instance); a
+    teacher given to a method whose terms ignore it (CE) is not kept."""
+
+    needs_teacher = False  # decided per instance from the terms, below
 
     def __init__(
         self,
@@ -30,6 +35,7 @@ class WeightedLossMethod(Method):
         terms: Sequence[Mapping[str, Any]],
         input_shape: tuple[int, ...] | None = None,
         num_samples: int | None = None,
+        facts: DataFacts | None = None,
     ):
         if not terms:
             raise ConfigError("a distillation method needs at least one loss term")
@@ -45,8 +51,12 @@ class WeightedLossMethod(Method):
             raise ConfigError(f"loss term keys must be unique, got {keys}; set `key:` on repeated terms")
         needs_teacher = any(t.needs_teacher for t in built)
         if needs_teacher and teacher is None:
-            raise ConfigError(f"loss terms {keys} need a teacher, but none was given")
-        facts = {"input_shape": input_shape, "num_samples": num_samples}
+            users = [k for k, t in zip(keys, built) if t.needs_teacher]
+            raise ConfigError(missing_teacher(f"this method (loss term {', '.join(users)})"))
+        if facts is None:  # built without the run's facts (tests, scripts): what the caller gave
+            facts = DataFacts(num_classes=None, input_shape=input_shape, num_samples=num_samples)
+        else:
+            input_shape = input_shape if input_shape is not None else facts.input_shape
         for term in built:
             term.bind(student, teacher if needs_teacher else None, facts)
         student_taps = ["logits", *(tap for t in built for tap in t.student_taps)]
@@ -58,6 +68,7 @@ class WeightedLossMethod(Method):
             teacher_taps=teacher_taps,
             input_shape=input_shape,
         )
+        self.needs_teacher = needs_teacher
         self.terms = nn.ModuleList(built)
         self.weights, self.keys, self.schedules = weights, keys, schedules
         shapes = self.tap_shapes() if input_shape is not None else None
@@ -102,7 +113,10 @@ def distill(
     teacher: nn.Module | None = None,
     input_shape: tuple[int, ...] | None = None,
     num_samples: int | None = None,
+    facts: DataFacts | None = None,
 ):
     """Any weighted sum of loss terms: `losses: [{name: ce, weight: 0.1}, {name: kd_kl, weight: 0.9}]`;
     a term may carry `schedule: {name: linear_warmup, epochs: 20}` and `key:` (for repeated terms)."""
-    return WeightedLossMethod(student, teacher, losses, input_shape=input_shape, num_samples=num_samples)
+    return WeightedLossMethod(
+        student, teacher, losses, input_shape=input_shape, num_samples=num_samples, facts=facts
+    )

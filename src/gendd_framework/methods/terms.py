@@ -35,8 +35,9 @@ class LossTerm(nn.Module):
 
     def bind(self, student: nn.Module, teacher: nn.Module | None, facts: Mapping[str, Any]) -> None:
         """Resolve model-dependent taps (e.g. default feature layers) before the taps are installed:
-        set `self.student_taps` / `self.teacher_taps` here. `facts` holds `input_shape` and
-        `num_samples` (training-set size, for per-sample memories) when known, else None."""
+        set `self.student_taps` / `self.teacher_taps` here. `facts` is the run's `DataFacts`
+        (`num_classes`, `input_shape`, `num_samples` for per-sample memories, `sample_keys`,
+        `all_labelled`; read as a mapping, None where unknown)."""
 
     def setup(self, shapes: Shapes | None) -> None:
         """Size trainable parts / validate shapes from the probe (`None` when no input shape is known)."""

@@ -243,6 +243,11 @@ class FitNetHintMethod(Method):
             groups.append({"params": kept_no_decay, "weight_decay": 0.0, "group": "no_decay"})
         return groups
 
+    def excluded_parameters(self) -> list[nn.Parameter]:
+        """The student's layers after the guided one: left to the next stage on purpose."""
+        hinted = set(self.hint_parameter_names)
+        return [p for n, p in self.student.model.named_parameters() if n not in hinted]
+
     def extra_repr(self) -> str:
         return f"loss = mse(regressor({self.guided}), teacher {self.hint})"
 
