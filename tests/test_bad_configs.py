@@ -3,7 +3,8 @@
 Each case runs the real pipeline on the composed config with a fresh teacher cache, so a check that
 came too late would first train (and cache) a teacher; the test then finds checkpoints, `train/loss`
 rows or cache files. Value checks live in `config_checks.RULES`; registry names, kwargs, shapes, files
-and `trainer.select` are checked when `pipeline.preflight` builds every component.
+and `trainer.select` are checked when `preflight` builds every component, and values only a running
+method checks when preflight runs it once (dry_run.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ VALUE_CASES = [
     case("loader-key-typo", ["+data.loader.batchsize=8"], "data.loader.batchsize", "'batch_size'"),
     case("label-fraction", ["data.label_fraction=1.5"], "'data.label_fraction' = 1.5", "(0, 1]"),
     case("train-fraction-zero", ["data.train_fraction=0"], "'data.train_fraction' = 0"),
-    case("val-fraction-zero", ["data.val_fraction=0"], "'data.val_fraction' = 0"),
+    case("val-fraction-negative", ["data.val_fraction=-0.1"], "'data.val_fraction' = -0.1", "[0, 1]"),
     case("teacher-model-null", ["teacher.model=null"], "'teacher.model' = null", "teacher.members"),
     case("teacher-train-epochs", ["teacher.train.epochs=0"], "'teacher.train.epochs' = 0"),
     case("teacher-train-lr", ["teacher.train.optim.lr=abc"], "'teacher.train.optim.lr' = 'abc'"),
@@ -110,6 +111,8 @@ PREFLIGHT_CASES = [
     case("teacher-weights-file", ["teacher.weights=/nonexistent.pt"], "/nonexistent.pt"),
     case("select-unknown-output", ["trainer.select=acc/nope"], "acc/nope"),
     case("logger-name", ["logger.backends=[{name:jsonll}]"], "jsonll", "'jsonl'"),
+    # raised only when the method runs (GenDD's contraction): preflight's dry run reaches it
+    case("gendd-lam-range", ["method=gendd", "method.lam=1.5"], "method 'gendd'", "lambda", "1.5"),
 ]
 
 

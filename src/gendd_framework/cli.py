@@ -26,8 +26,9 @@ def config_dir() -> Path:
     raise FileNotFoundError("gendd-framework configs not found (expected conf/train.yaml)")
 
 
-EXIT_CONFIG, EXIT_NON_FINITE, EXIT_SWEEP_FAILURES = 2, 3, 1
+EXIT_ERROR, EXIT_CONFIG, EXIT_NON_FINITE, EXIT_SWEEP_FAILURES = 1, 2, 3, 1
 _sweep_failures: list[str] = []
+_job_started = False  # Hydra composed the config: every override on the command line was valid
 
 
 def torchrun_argv(argv: list[str], env: dict[str, str]) -> list[str]:
@@ -56,6 +57,8 @@ def train_main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
     def _train(cfg: DictConfig) -> float | None:
+        global _job_started
+        _job_started = True
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
         try:
@@ -76,14 +79,15 @@ def train_main() -> None:
     from gendd_framework.launchers import precheck
 
     try:  # a sweep whose launcher/sweeper cannot run stops here, before its first job
-        precheck(sys.argv[1:], str(config_dir()))
+        precheck(sys.argv[1:], str(config_dir()), search_dirs(sys.argv[1:])[1:])
     except ConfigError as exc:
         print(f"gendd-train: error: {exc}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
     try:
         _train()
     except SystemExit as exit_:
-        if exit_.code not in (0, None, EXIT_CONFIG, EXIT_NON_FINITE):
+        # a hint only when Hydra stopped before the job: once it ran, every override was valid
+        if not _job_started and exit_.code not in (0, None):
             from gendd_framework.launchers import plugin_hint
 
             hint = plugin_hint(sys.argv[1:]) or override_hint(sys.argv[1:])
@@ -107,23 +111,66 @@ def is_main_process() -> bool:
 
 
 def record_failure(run_dir: Path, exc: Exception) -> int | None:
-    """Write `<run_dir>/failed.json` (rank 0 only) and print one line; the exit code for errors a user
-    can fix (None: an unexpected error, whose traceback the caller re-raises)."""
+    """Record a failed job and tell the user: the full text (and, for an unexpected error, the
+    traceback) goes to `<run_dir>/failed.json` (rank 0) and the run's log file; the console gets the
+    first line and where the rest is, or the plugin's own frames for an error raised in plugin code.
+    Returns the exit code, or None for an unexpected error outside plugin code (the caller re-raises
+    it, so its whole traceback is printed)."""
     import json
+    import traceback
 
     from gendd_framework.errors import ConfigError, NonFiniteLossError
+    from gendd_framework.plugins import plugin_traceback
 
-    line = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    record = {"error": line, "stage": getattr(exc, "stage", None), "step": getattr(exc, "step", None)}
+    notes = [str(n) for n in getattr(exc, "__notes__", None) or []]
+    text = "\n".join([f"{type(exc).__name__}: {exc}", *notes])
+    first = text.splitlines()[0]
+    expected = isinstance(exc, ConfigError | NonFiniteLossError)
+    trace = None if expected else "".join(traceback.format_exception(exc)).rstrip("\n")
+    plugin = None if expected else plugin_traceback(exc)
+    record = {
+        "error": first,
+        "detail": text,
+        "traceback": trace,
+        "plugin": plugin[0] if plugin else None,
+        "stage": getattr(exc, "stage", None),
+        "step": getattr(exc, "step", None),
+    }
+    where = []
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "failed.json").write_text(json.dumps(record, indent=2))
-    print(f"gendd-train: error: {exc}".splitlines()[0], file=sys.stderr)
+        where.append(str(run_dir / "failed.json"))
+    where += log_to_files(trace or text)
+    if plugin:
+        print(f"gendd-train: error in plugin code ({plugin[0]}):\n{plugin[1]}", file=sys.stderr)
+    else:
+        shown = (str(exc).splitlines() or [""])[0] if expected else first
+        print(f"gendd-train: error: {shown}", file=sys.stderr)
+    if (plugin or trace or text != first) and where:
+        print(
+            f"gendd-train: full {'traceback' if trace else 'text'} in {' and '.join(where)}", file=sys.stderr
+        )
     if isinstance(exc, ConfigError):
         return EXIT_CONFIG
     if isinstance(exc, NonFiniteLossError):
         return EXIT_NON_FINITE
-    return None
+    return EXIT_ERROR if plugin else None
+
+
+def log_to_files(text: str) -> list[str]:
+    """Write `text` as an error record to the root logger's file handlers only (Hydra's
+    `<run_dir>/<job name>.log`), not the console; returns the files written."""
+    import logging
+
+    record = logging.LogRecord("gendd_framework", logging.ERROR, __file__, 0, text, None, None)
+    files = []
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
+            files.append(handler.baseFilename)
+    return files
 
 
 def _sweep_callback_base():
@@ -163,30 +210,61 @@ class SweepReport(_sweep_callback_base()):
         _sweep_failures.extend(failed)
 
 
+def search_dirs(argv: list[str]) -> list[Path]:
+    """Every config folder the command line composes from: the package's `conf/`, `--config-dir`
+    (`-cd`) and the `file://` / `pkg://` entries of a `hydra.searchpath=[...]` override."""
+    import importlib.util
+
+    dirs, entries = [config_dir()], []
+    for i, arg in enumerate(argv):
+        for flag in ("--config-dir", "-cd"):
+            if arg == flag and i + 1 < len(argv):
+                dirs.append(Path(argv[i + 1]))
+            elif arg.startswith(flag + "="):
+                dirs.append(Path(arg.split("=", 1)[1]))
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            entries += [e.strip(" '\"") for e in arg.split("=", 1)[1].strip("[]").split(",")]
+    for entry in entries:
+        if entry.startswith("pkg://"):
+            try:
+                spec = importlib.util.find_spec(entry[len("pkg://") :].replace("/", "."))
+            except (ImportError, ValueError):
+                spec = None
+            dirs += [Path(d) for d in (spec.submodule_search_locations or [])] if spec is not None else []
+        elif entry:
+            dirs.append(Path(entry.removeprefix("file://")))
+    return [d.expanduser().absolute() for d in dirs if d.expanduser().is_dir()]
+
+
 def override_hint(argv: list[str]) -> str | None:
-    """A did-you-mean line for a mistyped `key=value` override or config group option."""
+    """A did-you-mean line for a mistyped `key=value` override or config group option, searched in
+    every config folder of the command line (called only when Hydra rejected the command line)."""
     import difflib
 
     from omegaconf import OmegaConf
 
+    dirs = search_dirs(argv)
     overrides = [a for a in argv if "=" in a and not a.startswith(("-", "+", "~", "hydra"))]
-    groups = {p.name for p in config_dir().iterdir() if p.is_dir()}
     for override in overrides:
         key, value = override.split("=", 1)
-        group = key.split("/")[0]
-        if "." not in key and group in groups:
-            folder = config_dir() / key
-            options = [p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml")]
-            if value not in options:
-                close = difflib.get_close_matches(value, options, n=3, cutoff=0.5)
+        if "." in key or not any((d / key).is_dir() for d in dirs):
+            continue
+        options = {
+            p.relative_to(d / key).with_suffix("").as_posix() for d in dirs for p in (d / key).rglob("*.yaml")
+        }
+        for choice in value.split(","):  # a sweep lists several
+            if choice and choice not in options:
+                close = difflib.get_close_matches(choice, sorted(options), n=3, cutoff=0.5)
                 if close:
-                    return f"gendd-train: hint: {key}={value}: did you mean {', '.join(close)}?"
-    base = [o for o in overrides if "." not in o.split("=", 1)[0]]
+                    return f"gendd-train: hint: {key}={choice}: did you mean {', '.join(close)}?"
+    base = [o for o in overrides if "." not in o.split("=", 1)[0] and "," not in o]
+    extra = [f"file://{d}" for d in dirs[1:]]
+    searchpath = [f"hydra.searchpath=[{','.join(extra)}]"] if extra else []
     try:
         from hydra import compose, initialize_config_dir
 
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = OmegaConf.to_container(compose(config_name="train", overrides=base))
+            cfg = OmegaConf.to_container(compose(config_name="train", overrides=base + searchpath))
     except Exception:  # noqa: BLE001  (the hint is best effort; Hydra already printed its error)
         return None
     from gendd_framework.engine.loggers import flatten
@@ -214,7 +292,8 @@ def list_main(argv: list[str] | None = None) -> None:
     """`gendd-list [KIND] [PATTERN]`: names, signatures and one-line docs of registered components."""
     import argparse
 
-    from gendd_framework.plugins import load_plugins
+    from gendd_framework.errors import ConfigError
+    from gendd_framework.plugins import load_plugins, plugin_traceback
     from gendd_framework.registry import ALL, one_line_doc, signature_text
 
     parser = argparse.ArgumentParser(prog="gendd-list", description=list_main.__doc__)
@@ -222,7 +301,17 @@ def list_main(argv: list[str] | None = None) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell wildcard, e.g. 'resnet*'")
     parser.add_argument("--plugins", nargs="*", default=[], help="extra plugin modules or files to import")
     args = parser.parse_args(argv)
-    load_plugins(args.plugins)
+    try:
+        load_plugins(args.plugins)
+    except ConfigError as exc:
+        print(f"gendd-list: error: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+    except Exception as exc:  # a plugin that fails to import: its own frames, not ours
+        where = plugin_traceback(exc)
+        if where is None:
+            raise
+        print(f"gendd-list: error in plugin code ({where[0]}):\n{where[1]}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
     if args.kind is None:
         for kind, reg in ALL.items():
             print(

@@ -9,7 +9,9 @@ instead of Hydra's "Unknown plugin class". An Optuna sweep is also checked to op
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -114,19 +116,27 @@ def plugin_hint(argv: list[str]) -> str | None:
     return None
 
 
-def precheck(argv: list[str], config_dir: str) -> None:
+def precheck(argv: list[str], config_dir: str, extra_dirs: Iterable[Path] = ()) -> None:
     """Before `gendd-train -m` starts Hydra: compose the command line's config (sweep overrides left
     out) and run `check_multirun`, so a missing plugin or a wrong Optuna direction stops the sweep
-    before its first job (Hydra turns errors raised in callbacks into warnings). Best effort: a
-    command line this cannot compose is left to Hydra to report."""
+    before its first job (Hydra turns errors raised in callbacks into warnings). `extra_dirs` are the
+    command line's other config folders (`--config-dir`, `hydra.searchpath`), searched as Hydra will.
+    Best effort: a command line this cannot compose is left to Hydra to report."""
     if not any(a in ("-m", "--multirun") for a in argv):
         return
     try:
         from hydra import compose, initialize_config_dir
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
-        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        # overrides only: not flags, nor flag values such as --config-dir's folder
+        overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [
+            o.input_line for o in parsed if not o.is_sweep_override() and o.key_or_group != "hydra.searchpath"
+        ]
+        extra = [f"file://{Path(d).absolute()}" for d in extra_dirs]
+        if extra:
+            fixed.append(f"hydra.searchpath=[{','.join(extra)}]")
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             config = compose(config_name="train", overrides=fixed, return_hydra_config=True)
     except Exception:  # noqa: BLE001  (Hydra reports its own composition errors)

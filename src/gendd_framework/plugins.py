@@ -27,6 +27,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from collections.abc import Iterable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -37,6 +38,8 @@ ENTRY_POINT_GROUP = "gendd_framework.plugins"
 _loaded: set[str] = set()  # resolved file paths, dotted module names and entry points already imported
 _by_content: dict[tuple[str, str], Path] = {}  # (file name, sha256 of its bytes) -> first path imported
 imported_files: list[Path] = []  # absolute paths of the plugin files imported, in order
+_code_files: set[str] = set()  # real paths of plugin files (remembered before their import runs)
+_code_dirs: set[str] = set()  # real paths of plugin packages' folders (dotted modules, entry points)
 
 
 def project_root() -> Path | None:
@@ -85,6 +88,7 @@ def import_file(path: Path) -> None:
         raise ConfigError(f"cannot import plugin file {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
+    _code_files.add(os.path.realpath(path))
     _loaded.add(str(path))
     try:
         spec.loader.exec_module(module)
@@ -113,6 +117,7 @@ def import_plugin(target: str) -> str:
         return str(path)
     if target in _loaded:
         return target
+    remember_package(target)
     try:
         importlib.import_module(target)
     except ModuleNotFoundError as exc:
@@ -135,6 +140,49 @@ def load_plugins(extra: Iterable[str] = (), *, scan_default_dirs: bool = True) -
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         key = f"entry_point:{ep.value}"
         if key not in _loaded:
+            remember_package(ep.module)
             ep.load()
             _loaded.add(key)
     return [import_plugin(str(target)) for target in extra]
+
+
+def remember_package(module: str) -> None:
+    """Mark the top-level package (or module file) of a dotted plugin name as plugin code."""
+    top = module.split(".")[0]
+    if top == "gendd_framework":
+        return
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return
+    if spec is None:
+        return
+    if spec.submodule_search_locations:
+        _code_dirs.update(os.path.realpath(d) for d in spec.submodule_search_locations)
+    elif spec.origin and os.path.isfile(spec.origin):
+        _code_files.add(os.path.realpath(spec.origin))
+
+
+def is_plugin_code(filename: str) -> bool:
+    """Whether a traceback frame's file is a plugin file or lies in a plugin package."""
+    path = os.path.realpath(filename)
+    return path in _code_files or any(path.startswith(d + os.sep) for d in _code_dirs)
+
+
+def plugin_traceback(exc: BaseException) -> tuple[str, str] | None:
+    """(`file:line` of the innermost plugin frame, a short traceback of the plugin frames and the
+    exception line) for the first exception in `exc`'s chain raised through plugin code, else None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        frames = [f for f in traceback.extract_tb(current.__traceback__) if is_plugin_code(f.filename)]
+        if isinstance(current, SyntaxError) and current.filename and is_plugin_code(current.filename):
+            text = "".join(traceback.format_exception_only(type(current), current))
+            return f"{current.filename}:{current.lineno}", text.rstrip("\n")
+        if frames:
+            text = "".join(traceback.StackSummary.from_list(frames).format())
+            text += "".join(traceback.format_exception_only(type(current), current))
+            return f"{frames[-1].filename}:{frames[-1].lineno}", text.rstrip("\n")
+        current = current.__cause__ or current.__context__
+    return None
