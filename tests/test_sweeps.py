@@ -134,8 +134,9 @@ def test_csv_export_and_plot(sweep, tmp_path):
     assert sorted(table) == sorted(expected)
     for group, values in expected.items():
         assert table[group]["runs"] == "2"
-        assert float(table[group]["acc student"]) == pytest.approx(statistics.mean(values), rel=1e-12)
-        assert float(table[group]["acc student std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
+        assert table[group]["primary output"] == "student"  # the KD student's logits are what it selects on
+        assert float(table[group]["acc (primary)"]) == pytest.approx(statistics.mean(values), rel=1e-12)
+        assert float(table[group]["acc (primary) std"]) == pytest.approx(statistics.stdev(values), rel=1e-12)
     png = out.with_suffix(".png")  # --out without --plot: the chart lands next to the table
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
