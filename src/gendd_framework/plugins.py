@@ -140,7 +140,7 @@ def load_plugins(extra: Iterable[str] = (), *, scan_default_dirs: bool = True) -
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         key = f"entry_point:{ep.value}"
         if key not in _loaded:
-            remember_package(ep.module)
+            remember_package(ep.value.split(":")[0].strip())  # `pkg.mod:attr` -> pkg.mod
             ep.load()
             _loaded.add(key)
     return [import_plugin(str(target)) for target in extra]
