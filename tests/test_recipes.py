@@ -41,6 +41,7 @@ METHOD_INDEPENDENT_PAIRS = [
     "wrn_40_2_wrn_16_2", "wrn_40_2_wrn_40_1", "resnet56_resnet20", "resnet110_resnet20", "resnet110_resnet32",
     "resnet32x4_resnet8x4", "vgg13_vgg8", "vgg13_mobilenetv2", "resnet50_mobilenetv2", "resnet50_vgg8",
     "resnet32x4_shufflev1", "resnet32x4_shufflev2", "wrn_40_2_shufflev1", "resnet32x4_vit_tiny",
+    "resnet32x4_vgg8", "resnet32x4_shufflev2_1_5",  # SimKD's README pairs
 ]  # fmt: skip
 IMAGENET_PAIRS = [
     ("imagenet/gendd_resnet34_resnet18", "tv:resnet34", "tv:resnet18", 10, 8),
