@@ -12,9 +12,11 @@ from omegaconf import OmegaConf, open_dict
 from gendd_framework import config as config_lib
 from gendd_framework.cli import config_dir
 from gendd_framework.errors import ConfigError
+from gendd_framework.registry import METHODS, accepted_runtime, check_kwargs, split_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+METHOD_FILES = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
 EXPERIMENTS = sorted(
     p.relative_to(config_dir() / "experiment").with_suffix("").as_posix()
     for p in (config_dir() / "experiment").rglob("*.yaml")
@@ -34,9 +36,20 @@ def test_every_experiment_composes_and_validates(compose, experiment):
     config_lib.validate(cfg)
 
 
-@pytest.mark.parametrize("method", ["ce", "kd", "distill"])
+@pytest.mark.parametrize("method", METHOD_FILES)
 def test_every_method_group_option_validates(compose, method):
-    config_lib.validate(compose([f"method={method}"]))
+    """Each conf/method/*.yaml composes and validates, and its keys, alone and with each of its
+    `per_recipe` entries merged in, are arguments its registered factory accepts (no model is built)."""
+    cfg = compose([f"method={method}"])
+    config_lib.validate(cfg)
+    recipes = list(cfg.method.get("per_recipe") or {})
+    for recipe in [None, *recipes]:
+        with open_dict(cfg):
+            cfg.recipe = recipe
+        name, kwargs = split_spec(config_lib.apply_recipe(cfg).method, "method")
+        factory = METHODS.get(name)
+        runtime = accepted_runtime(factory, {"student": None, "teacher": None, "num_classes": 10})
+        check_kwargs(factory, {**runtime, **kwargs}, f"method '{name}' of {method}.yaml, recipe {recipe}")
 
 
 def test_typo_in_top_level_key_fails_with_its_name(compose):

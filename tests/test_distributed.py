@@ -63,13 +63,14 @@ _original = Trainer.train_one_epoch
 
 
 def _snapshot_then_train(self, total_steps):
-    epoch, target = os.environ.get("GENDD_TEST_SNAPSHOT_EPOCH"), os.environ.get("GENDD_TEST_SNAPSHOT_DIR")
-    if epoch is not None and self.stage == "distill" and self.epoch == int(epoch) and distributed.rank() == 0:
+    epoch, target = os.environ["GENDD_TEST_SNAPSHOT_EPOCH"], os.environ["GENDD_TEST_SNAPSHOT_DIR"]
+    if self.stage == "distill" and self.epoch == int(epoch) and distributed.rank() == 0:
         shutil.copytree(self.ckpt_dir.parent, target)  # every rank passed the barrier after the save
     return _original(self, total_steps)
 
 
-Trainer.train_one_epoch = _snapshot_then_train
+if os.environ.get("GENDD_TEST_SNAPSHOT_EPOCH"):  # only the torchrun processes that asked for it
+    Trainer.train_one_epoch = _snapshot_then_train
 '''
 
 BATCH = 16  # per rank; the single-process run uses 2 x BATCH
@@ -162,6 +163,40 @@ def test_ranks_hold_identical_weights_equal_to_one_process(ddp_run, single_run):
     for key, value in weights.items():
         torch.testing.assert_close(rank0[key], value, rtol=1e-4, atol=1e-5, msg=key)
     assert single["world_size"] == 1
+
+
+def test_the_plugin_leaves_this_process_trainer_and_registries_alone(single_run):
+    """The in-process run imported the plugin: the Trainer is unpatched here, and its names end with
+    this module (tests/conftest.py isolates registries per module and per test)."""
+    from gendd_framework.engine.trainer import Trainer
+    from gendd_framework.registry import MODELS, STAGES
+
+    assert Trainer.train_one_epoch.__module__ == "gendd_framework.engine.trainer"
+    assert "test_plain_mlp" in MODELS and "test_dump_weights" in STAGES  # registered for this module
+
+
+def test_device_for_is_the_one_device_resolver(monkeypatch):
+    from gendd_framework import runtime
+    from gendd_framework.errors import ConfigError
+
+    assert runtime.resolve_device is distributed.device_for
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    # the real set_device's argument check (a bare "cuda" is refused), without a GPU
+    monkeypatch.setattr(
+        torch.cuda, "set_device", lambda d: current.append(torch.cuda._utils._get_device_index(d))
+    )
+    assert distributed.device_for("auto") == torch.device("cuda") and current == []  # one process
+    assert distributed.device_for("cuda:1") == torch.device("cuda", 1) and current == [1]
+    assert distributed.device_for("cuda", local_rank=3, world_size=2) == torch.device("cuda", 1)
+    assert current == [1, 1]
+    with pytest.raises(ConfigError, match="each rank takes cuda:LOCAL_RANK"):
+        distributed.device_for("cuda:0", 0, 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.device_for("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available; use trainer.device=auto or cpu"):
+        distributed.device_for("cuda")
 
 
 def test_one_run_dir_with_one_set_of_files(ddp_run, single_run):

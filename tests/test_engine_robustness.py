@@ -389,3 +389,24 @@ def test_bf16_autocast_run_is_finite(tmp_path):
     assert all(torch.isfinite(p).all() for p in loop.method.parameters())
     train = [r for r in rows(tmp_path) if "train/loss" in r]
     assert len(train) == 2 and all(np.isfinite(r["train/loss"]) for r in train)
+
+
+def test_atomic_files_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    """Run folders on shared clusters are read by others: atomic writes must not leave 0600 files."""
+    import os
+    import stat
+
+    from gendd_framework.engine.checkpoint import atomic_save
+    from gendd_framework.engine.loggers import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_save({"a": 1}, tmp_path / "x.pt")
+        atomic_write_text(tmp_path / "s.json", "{}")
+    finally:
+        os.umask(old)
+    assert {n: stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("x.pt", "s.json")} == {
+        "x.pt": 0o644,
+        "s.json": 0o644,
+    }
+    assert (tmp_path / "s.json").read_text() == "{}"

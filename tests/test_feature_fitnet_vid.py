@@ -23,11 +23,12 @@ from gendd_framework.errors import ConfigError
 from gendd_framework.hint_stage import fitnet_term_settings
 from gendd_framework.losses.fitnet import hint_mse
 from gendd_framework.losses.vid import inverse_softplus, vid_nll, vid_variance
-from gendd_framework.methods.feature.fitnet import FitNetHint, forward_until, hint_layer
+from gendd_framework.methods.feature.fitnet import FitNetHint, cut_at, hint_layer
 from gendd_framework.methods.feature.vid import VIDLoss
 from gendd_framework.models import build_model
 from gendd_framework.pipeline import run
 from gendd_framework.registry import METHODS, OPTIMIZERS
+from gendd_framework.runtime import build_data
 
 CTX = StepContext()
 TINY = ["trainer.epochs=1", "hint.epochs=1", "data.train_fraction=0.3"]
@@ -300,17 +301,80 @@ def test_hint_method_refuses_a_guided_layer_without_trainable_parameters():
         METHODS.build({"name": "fitnet_hint"}, student=cnn([4, 8]), teacher=cnn([8, 64]))
 
 
-def test_forward_until_stops_eager_and_compiled_models_at_the_layer():
-    model = cnn([4, 8, 16]).eval()
+def test_cut_at_runs_eager_and_compiled_models_only_up_to_the_layer():
+    model = cnn([4, 8, 16])
     x = torch.randn(3, 1, 8, 8)
-    expect = model.features[:7](x)  # conv-BN-ReLU, pool, conv-BN-ReLU: the second stage's map
-    assert torch.equal(forward_until(model, "features.6", x), expect)
-    assert torch.equal(forward_until(model, "features.7:input", x), expect)
-    model.compile(backend="aot_eager")  # trainer.speed.compile: the traced graph would ignore the hook
-    assert torch.allclose(forward_until(model, "features.6", x), expect)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    expect = model.eval().features[:7](x)  # conv-BN-ReLU, pool, conv-BN-ReLU: the second stage's map
+    assert torch.equal(cut_at(model, "features.6")(x), expect)
+    assert torch.equal(cut_at(model, "features.7:input")(x), expect)
+    called = []
+    for name, module in model.named_modules():
+        module.register_forward_pre_hook(lambda _m, _i, name=name: called.append(name))
+    cut_at(model, "features.7:input")(x)
+    assert "features.6" in called and not {"features.7", "features.8", "fc"} & set(called)
+    model.train()
+    stats = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    cut_at(model, "features.6")(x)  # train mode: only the BN layers before the cut update statistics
+    moved = {k for k, v in stats.items() if not torch.equal(model.state_dict()[k], v)}
+    assert moved == {f"features.{i}.running_{s}" for i in (1, 5) for s in ("mean", "var")}
+    model.eval().compile(backend="aot_eager")  # trainer.speed.compile: cut from the Python forward
+    assert torch.allclose(cut_at(model, "features.6")(x), model.features[:7](x))
     with pytest.raises(ConfigError, match="not found"):
-        forward_until(model, "features.60", x)
+        cut_at(model, "features.60")
+
+
+CUT_FAMILIES = [
+    ({"name": "resnet8"}, (3, 32, 32)),
+    ({"name": "wrn_16_1"}, (3, 32, 32)),
+    ({"name": "vgg8"}, (3, 32, 32)),
+    ({"name": "vgg8"}, (3, 64, 64)),  # the pool the official forward applies at 64 pixels only
+    ({"name": "mobilenetv2_cifar"}, (3, 32, 32)),
+    ({"name": "shufflev1"}, (3, 32, 32)),
+    ({"name": "shufflev2"}, (3, 32, 32)),
+    ({"name": "tv:resnet18"}, (3, 32, 32)),
+    ({"name": "timm:vit_tiny_patch16_224", "img_size": 8, "patch_size": 2, "in_chans": 1, "embed_dim": 32,
+      "depth": 6, "num_heads": 4}, (1, 8, 8)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape"), CUT_FAMILIES, ids=lambda v: v.get("name") if isinstance(v, dict) else ""
+)
+def test_cut_at_equals_a_hooked_full_forward_on_every_family(spec, shape):
+    """The auto hint layer's map (output and input) of each family: the cut graph vs a forward hook."""
+    torch.manual_seed(0)
+    model = build_model(spec, num_classes=10).eval()
+    x = torch.randn(2, *shape)
+    tap = hint_layer(model, "auto", shape, "student_layers")
+    module = dict(model.named_modules())[tap]
+    seen = {}
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, args: seen.setdefault("input", args[0].clone())),
+        module.register_forward_hook(lambda _m, _a, out: seen.setdefault("output", out.clone())),
+    ]
+    with torch.no_grad():
+        model(x)
+        for hook in hooks:
+            hook.remove()
+        assert torch.equal(cut_at(model, tap)(x), seen["output"])
+        assert torch.equal(cut_at(model, f"{tap}:input")(x), seen["input"])
+
+
+def test_cut_at_refuses_a_forward_torch_fx_cannot_trace():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 10)
+
+        def forward(self, x):
+            x = self.conv(x)
+            if x.sum() > 0:  # data-dependent control flow
+                x = x.relu()
+            return self.fc(x.mean((2, 3)))
+
+    with pytest.raises(ConfigError, match=r"Branchy at 'conv' with torch.fx.*method=fitnet") as info:
+        cut_at(Branchy(), "conv")
+    assert "\n" not in str(info.value)
 
 
 def test_hint_stage_reads_the_methods_fitnet_term():
@@ -379,18 +443,54 @@ def test_hint_stage_hands_over_a_student_changed_only_up_to_its_guided_layer(com
     assert any(r.get("stage") == "hint" and "train/hint" in r for r in rows)
 
 
+def exported_student_metrics(cfg, run_dir) -> tuple[float, float]:
+    """Test accuracy (%) and mean CE of the run's `student.pt`, by a plain loop over the test split
+    (not the trainer's evaluation: no metric accumulator, no checkpoint selection)."""
+    splits, _ = build_data(cfg.data)
+    model = build_model(cfg.student, num_classes=splits.num_classes)
+    model.load_state_dict(torch.load(run_dir / "student.pt", weights_only=True))
+    model.eval()
+    batches = DataLoader(BatchDataset(splits.test), batch_size=1000)
+    with torch.no_grad():
+        logits, target = map(torch.cat, zip(*((model(b["input"]), b["target"]) for b in batches)))
+    return 100.0 * (logits.argmax(1) == target).double().mean().item(), F.cross_entropy(logits, target).item()
+
+
+def epoch_rows(run_dir, stage):
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("stage") == stage and "train/loss" in r]
+
+
 def test_two_stage_fitnet_runs_end_to_end(compose, tmp_path):
-    """Hints, then CE + hint term (the preset's KD stage 2 is a plain distill stage after the hint one)."""
-    summary = run(compose(["experiment=digits/fitnet_stagewise", "method=fitnet", *TINY]), tmp_path)
+    """Hints, then CE + hint term (the preset's KD stage 2 is a plain distill stage after the hint one):
+    each stage's logged loss is its terms at the configured weights, and the reported test numbers are
+    those of the exported student."""
+    cfg = compose(["experiment=digits/fitnet_stagewise", "method=fitnet", *TINY])
+    summary = run(cfg, tmp_path)
     assert [k for k in summary if k in ("teacher", "hint", "distill")] == ["teacher", "hint", "distill"]
-    assert summary["distill"]["test"]["acc/student"] > 0
     for name in ("hint_last.pt", "distill_last.pt"):
         assert (tmp_path / "checkpoints" / name).exists()
+    (hint,) = epoch_rows(tmp_path, "hint")
+    assert hint["train/loss"] == pytest.approx(hint["train/hint"], rel=1e-6) and hint["train/hint"] > 0
+    (distill,) = epoch_rows(tmp_path, "distill")
+    weights = (cfg.method.ce_weight, cfg.method.feature_weight)  # 1 and 100 (conf/method/fitnet.yaml)
+    expected = weights[0] * distill["train/ce"] + weights[1] * distill["train/fitnet"]
+    assert distill["train/loss"] == pytest.approx(expected, rel=1e-5)
+    acc, ce = exported_student_metrics(cfg, tmp_path)
+    assert summary["distill"]["test"]["acc/student"] == pytest.approx(acc, abs=1e-9)
+    assert summary["distill"]["test"]["ce/student"] == pytest.approx(ce, rel=1e-5)
 
 
 def test_vid_runs_end_to_end_on_the_digits_cnn_pair(compose, tmp_path):
-    summary = run(compose(["experiment=digits/transfer_cnn", "method=vid", *TINY[:1], *TINY[2:]]), tmp_path)
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in rows if r.get("stage") == "distill" and "train/vid" in r]
-    assert train and {"train/vid/layer0", "train/vid/layer2"} <= set(train[0])
-    assert summary["distill"]["test"]["acc/student"] > 0
+    """VID on the CNN pair: the logged loss is CE + w·Σ per-pair terms at the configured weights, every
+    default stage pair is logged, and the reported test numbers are those of the exported student."""
+    cfg = compose(["experiment=digits/transfer_cnn", "method=vid", *TINY[:1], *TINY[2:]])
+    summary = run(cfg, tmp_path)
+    (train,) = epoch_rows(tmp_path, "distill")
+    pairs = [train[f"train/vid/layer{i}"] for i in range(3)]
+    assert train["train/vid"] == pytest.approx(sum(pairs), rel=1e-5)
+    expected = cfg.method.ce_weight * train["train/ce"] + cfg.method.feature_weight * train["train/vid"]
+    assert train["train/loss"] == pytest.approx(expected, rel=1e-5)
+    acc, ce = exported_student_metrics(cfg, tmp_path)
+    assert summary["distill"]["test"]["acc/student"] == pytest.approx(acc, abs=1e-9)
+    assert summary["distill"]["test"]["ce/student"] == pytest.approx(ce, rel=1e-5)

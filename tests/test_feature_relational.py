@@ -202,25 +202,30 @@ def test_rkd_matches_the_formula():
     distance, angle = rkd_reference(np_(s), np_(t))
     assert close(rkd_distance_loss(s, t), distance)
     assert close(rkd_angle_loss(s, t), angle)
-    assert close(rkd_loss(s, t), 25 * distance + 50 * angle)
-    assert close(rkd_loss(s, t, 2.0, 0.0), 2 * distance)
-    assert close(rkd_loss(s, t, 0.0, 3.0), 3 * angle)
+    assert close(rkd_loss(s, t, 25.0, 50.0)["loss"], 25 * distance + 50 * angle)
+    assert rkd_loss(s, t, 2.0, 0.0).keys() == {"loss", "distance"}  # a zero-weight part is skipped
+    assert close(rkd_loss(s, t, 2.0, 0.0)["loss"], 2 * distance)
+    assert close(rkd_loss(s, t, 0.0, 3.0)["loss"], 3 * angle)
     assert abs(rkd_distance_loss(s, t) - rkd_distance_loss(s + 100.0, t)) < 1e-10  # centring is exact
 
 
 def test_rkd_identities_and_invariances():
     s, t = rand(6, 5, seed=18), rand(6, 9, seed=19)
-    assert float(rkd_loss(s, s.clone())) == 0.0
-    base = rkd_loss(s, t)
+
+    def rkd(*pair):
+        return rkd_loss(*pair, 25.0, 50.0)["loss"]
+
+    assert float(rkd(s, s.clone())) == 0.0
+    base = rkd(s, t)
     q, _ = torch.linalg.qr(rand(5, 5, seed=20))
-    assert close(rkd_loss(2.5 * s @ q + 7.0, t), base, rtol=1e-9)  # similarity transforms of a side
-    assert close(rkd_loss(s, 0.1 * t - 3.0), base, rtol=1e-9)
+    assert close(rkd(2.5 * s @ q + 7.0, t), base, rtol=1e-9)  # similarity transforms of a side
+    assert close(rkd(s, 0.1 * t - 3.0), base, rtol=1e-9)
     one = rand(1, 5, seed=21).requires_grad_(True)
-    value = rkd_loss(one, rand(1, 3))
+    value = rkd(one, rand(1, 3))
     value.backward()
     assert float(value.detach()) == 0.0 and torch.isfinite(one.grad).all()  # no relations in a batch of one
     duplicate = torch.cat([s[:1], s[:1], s[1:]]).requires_grad_(True)  # coincident samples
-    loss = rkd_loss(duplicate, rand(7, 9, seed=22))
+    loss = rkd(duplicate, rand(7, 9, seed=22))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(duplicate.grad).all()
 
@@ -271,9 +276,9 @@ def test_terms_equal_the_pure_functions_at_the_default_layers():
     rkd = build("rkd", student, teacher, distance_weight=2.0, angle_weight=3.0)
     s, t = outputs(rkd)
     value = rkd.terms[-1](s, t, {}, StepContext())
-    assert close(value["loss"], rkd_loss(s["feature"], t["feature"], 2.0, 3.0))
-    assert close(value["distance"], rkd_distance_loss(s["feature"], t["feature"]))
-    assert close(value["angle"], rkd_angle_loss(s["feature"], t["feature"]))
+    distance, angle = rkd_reference(np_(s["feature"]), np_(t["feature"]))  # the weights reach the term
+    assert close(value["distance"], distance) and close(value["angle"], angle)
+    assert close(value["loss"], 2.0 * distance + 3.0 * angle)
 
 
 def test_explicit_layers_indices_paths_and_lengths():

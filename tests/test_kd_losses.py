@@ -64,6 +64,9 @@ def test_kl_decomposes_into_target_and_non_target_parts():
 
 
 def test_kd_method_combines_terms_with_weights():
+    """loss = α·CE + β·τ²·KL at the configured α, β, τ, recomputed from the two models' logits alone."""
+    import torch.nn.functional as F
+
     from gendd_framework.models import build_model
     from gendd_framework.registry import METHODS
 
@@ -76,7 +79,14 @@ def test_kd_method_combines_terms_with_weights():
     method.train()
     x, y = torch.randn(5, 1, 8, 8), torch.randint(0, 10, (5,))
     out = method.training_step({"input": x, "target": y}, StepContext())
-    assert torch.allclose(out["loss"], 0.3 * out["ce"] + 0.7 * out["kd_kl"])
+    with torch.no_grad():
+        zs, zt = student(x).double(), teacher(x).double()  # no dropout; BN on batch statistics again
+    ce = F.cross_entropy(zs, y).item()
+    kd = hand_kd(zs, zt, 2.0)  # τ² included
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert out["kd_kl"].item() == pytest.approx(kd, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(0.3 * ce + 0.7 * kd, rel=1e-5)
+    assert kd != pytest.approx(hand_kd(zs, zt, 1.0), rel=1e-2)  # τ matters for these logits
     assert not teacher.training, "the teacher must stay in eval mode"
     assert all(not p.requires_grad for p in teacher.parameters())
 

@@ -129,7 +129,8 @@ def test_dkd_matches_column_deleted_loop(tau, alpha, beta):
     assert tckd.item() == pytest.approx(tck.mean(), rel=1e-10)
     assert nckd.item() == pytest.approx(nck.mean(), rel=1e-10)
     got = dkd_loss(s, t, y, alpha=alpha, beta=beta, temperature=tau)
-    assert got.item() == pytest.approx(alpha * tck.mean() + beta * nck.mean(), rel=1e-10)
+    assert got["loss"].item() == pytest.approx(alpha * tck.mean() + beta * nck.mean(), rel=1e-10)
+    assert (got["tckd"].item(), got["nckd"].item()) == pytest.approx((tck.mean(), nck.mean()), rel=1e-10)
 
 
 def test_dkd_standardize_uses_zscored_logits():
@@ -144,7 +145,7 @@ def test_dkd_two_classes_nckd_exactly_zero():
     s.requires_grad_(True)
     tckd, nckd = dkd_terms(s, t, y, 4.0)
     assert torch.isfinite(tckd) and nckd.item() == 0.0
-    dkd_loss(s, t, y).backward()
+    dkd_loss(s, t, y, alpha=1.0, beta=8.0, temperature=4.0)["loss"].backward()
     assert torch.isfinite(s.grad).all()
 
 
@@ -342,7 +343,7 @@ def test_gradients_reach_student_logits():
     s, t, y = make(8, 10, seed=66)
     for fn in (
         lambda z: kd_kl_loss(z, t, 4.0),
-        lambda z: dkd_loss(z, t, y),
+        lambda z: dkd_loss(z, t, y, alpha=1.0, beta=8.0, temperature=4.0)["loss"],
         lambda z: dist_loss(z, t),
         lambda z: pld_loss(z, t, y),
         lambda z: sum(wkd_logit_terms(z, t, y, symmetric_cost(10, 67))),

@@ -4,8 +4,6 @@ from gendd_framework.errors import ConfigError
 from gendd_framework.plugins import import_plugin, load_plugins
 from gendd_framework.registry import LOSSES, METHODS, MODELS, Registry
 
-load_plugins()
-
 
 def test_unknown_name_lists_closest_matches():
     with pytest.raises(ConfigError) as err:
@@ -95,7 +93,35 @@ def test_missing_plugin_path_is_a_clear_error(tmp_path):
 
 
 def test_registry_folder_example_is_loaded():
+    load_plugins()
     assert "mimic" in METHODS and "logit_mse" in LOSSES
+
+
+def test_registrations_and_plugin_imports_end_with_the_isolated_block(tmp_path):
+    """The per-test isolation of tests/conftest.py: what a block registers (itself or through a plugin)
+    and the names it replaces are back as they were after it, and the plugin registers again later."""
+    from conftest import isolated_components, registries
+
+    plugin = tmp_path / "iso_plugin.py"
+    plugin.write_text(
+        "from gendd_framework.registry import LOSSES\n"
+        "@LOSSES.register('iso_loss')\n"
+        "def iso_loss():\n"
+        "    return 1\n"
+    )
+    names = {reg.kind: reg.names(include_aliases=True) for reg in registries()}
+    kd = METHODS.get("kd")
+    with isolated_components():
+        import_plugin(str(plugin))
+        METHODS.add("kd", lambda: None, force=True)
+        MODELS.add("iso_model", lambda: None, aliases=["iso_alias"])
+        assert "iso_loss" in LOSSES and "iso_alias" in MODELS and METHODS.get("kd") is not kd
+    assert {reg.kind: reg.names(include_aliases=True) for reg in registries()} == names
+    assert METHODS.get("kd") is kd
+    with isolated_components():
+        import_plugin(str(plugin))  # not remembered as imported: it runs and registers again
+        assert LOSSES.build("iso_loss") == 1
+    assert "iso_loss" not in LOSSES
 
 
 def test_entry_point_plugins_are_loaded(monkeypatch):

@@ -1,4 +1,4 @@
-"""Speed options (engine/speed.py): parsing, channels_last, inference-mode teacher, compile (slow),
+"""Speed options (engine/speed.py): parsing, channels_last, inference-mode teacher, compile,
 fused/foreach optimizers, loader settings, head checkpointing, fp16 scaler resume, end-to-end runs."""
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def kd_method(teacher_width: int = 16, **kwargs) -> nn.Module:
 def batch(n: int = 20, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     target = torch.arange(n) % 10
-    return {"input": torch.randn(n, 1, 8, 8, generator=g), "target": target, "index": torch.arange(n)}
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    view = torch.randn(n, 1, 8, 8, generator=g)  # a second view (mean_teacher's `input_1`)
+    return {"input": x, "input_1": view, "target": target, "index": torch.arange(n)}
 
 
 def grads(module: nn.Module) -> list[torch.Tensor]:
@@ -324,32 +326,38 @@ def test_fp16_grad_scaler_state_makes_resume_exact(tmp_path):
 
 # -- end to end -------------------------------------------------------------------------------------
 def test_bf16_channels_last_run_end_to_end(compose, tmp_path):
-    overrides = [
-        "experiment=digits/transfer_cnn",
-        "method=kd",
-        "trainer.epochs=1",
-        "data.train_fraction=0.3",
-        "trainer.precision=bf16",
-        "trainer.speed.channels_last=true",
-        "optim.foreach=true",
-    ]
-    summary = run(compose(overrides), tmp_path / "run")
-    assert 0 < summary["distill"]["test"]["acc/student"] <= 100
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["train/loss"] for r in rows if r["stage"] == "distill" and "train/loss" in r]
-    assert losses and all(torch.isfinite(torch.tensor(losses)))
+    """bf16 autocast + channels_last + foreach AdamW against the same run in plain fp32: within bf16's
+    precision (2^-8 relative per rounding; a 2% bound after an epoch of training), and off by more
+    than fp32 reorderings (< 1e-6 here: channels_last and foreach alone keep the maths), so bf16 ran."""
+    base = ["experiment=digits/transfer_cnn", "method=kd", "trainer.epochs=1", "data.train_fraction=0.3"]
+    fast = ["trainer.precision=bf16", "trainer.speed.channels_last=true", "optim.foreach=true"]
+    runs = {}
+    for name, extra in (("fp32", []), ("bf16", fast)):
+        summary = run(compose([*base, *extra]), tmp_path / name)
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        (train,) = [r for r in rows if r["stage"] == "distill" and "train/loss" in r]
+        runs[name] = {**train, **summary["distill"]["test"]}
+    keys = ("train/loss", "train/ce", "train/kd_kl", "ce/student", "kl/student")
+    relative = {key: abs(runs["bf16"][key] / runs["fp32"][key] - 1) for key in keys}
+    assert max(relative.values()) < 0.02, relative
+    assert max(relative.values()) > 1e-4, relative
 
 
-# -- compile (slow: minutes of inductor compilation on CPU) -----------------------------------------
-@pytest.mark.slow
+# -- compile ------------------------------------------------------------------------------------------
 def test_compiled_student_teacher_and_head_match_eager():
+    """`trainer.speed.compile` on all three parts of GenDD, traced by dynamo and AOT autograd (the
+    `aot_eager` backend skips only code generation): the same loss and gradients as eager, graphs
+    compiled for each part, and interchangeable checkpoints."""
+
     def gendd():
         return METHODS.build(
             {"name": "gendd", **TINY_GENDD}, student=cnn(8, 0), teacher=cnn(64, 1).eval(), num_classes=10
         )
 
     eager, compiled = gendd(), gendd()
-    applied = apply_speed(compiled, {"compile": {"student": True, "teacher": True, "head": True}})
+    options = {"student": True, "teacher": True, "head": True, "backend": "aot_eager"}
+    torch._dynamo.utils.counters.clear()
+    applied = apply_speed(compiled, {"compile": options})
     assert {"compile:student(default)", "compile:teacher(default)", "compile:head(default)"} <= set(applied)
     assert list(eager.state_dict()) == list(compiled.state_dict())  # checkpoints interchangeable
     for method in (eager, compiled):
@@ -358,8 +366,18 @@ def test_compiled_student_teacher_and_head_match_eager():
         out = method.training_step(batch(), StepContext())
         out["loss"].backward()
         method.result = (out, grads(method))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # the three parts ran compiled
     (la, ga), (lb, gb) = eager.result, compiled.result
     for key in ("loss", "diffusion", "ce"):
-        assert torch.allclose(la[key], lb[key], rtol=1e-4, atol=1e-5), key
-    for a, b in zip(ga, gb):
-        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(la[key], lb[key], msg=key)
+    for a, b in zip(ga, gb, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_inductor_compiles_a_student_forward():
+    """One small case through the default backend (inductor: C++ kernels built on the CPU)."""
+    eager, compiled = kd_method().eval(), kd_method().eval()
+    assert "compile:student(default)" in apply_speed(compiled, {"compile": {"student": True}})
+    x = batch()["input"]
+    with torch.no_grad():
+        torch.testing.assert_close(compiled.student.model(x), eager.student.model(x))

@@ -36,18 +36,12 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-10, atol=0.0)
 
 
-def test_alpha_default_none_crashes():
-    # Quirk: alpha defaults to None but __init__ computes `1 - alpha` when beta is None -> TypeError,
-    # so every construction below passes alpha explicitly.
-    with pytest.raises(TypeError):
-        KDLoss(**PATHS, temperature=4.0)
-
-
 @pytest.mark.parametrize("tau", [1.0, 4.0])
 @pytest.mark.parametrize("classes", [2, 10, 100])
 def test_kd_loss_parity(tau, classes):
     s, t, y = make(16, classes, seed=classes)
     ours = kd_kl_loss(s, t, tau)
+    # (torchdistill's KDLoss needs an explicit alpha: its default None fails in __init__.)
     # Quirk: with alpha == 0 (or targets=None) KDLoss returns the UNSCALED batchmean KL (no τ²).
     soft = KDLoss(**PATHS, temperature=tau, alpha=0.0)
     assert close(soft(io(s), io(t), y) * tau**2, ours)

@@ -27,7 +27,6 @@ def config_dir() -> Path:
 
 
 EXIT_ERROR, EXIT_CONFIG, EXIT_NON_FINITE, EXIT_SWEEP_FAILURES = 1, 2, 3, 1
-_sweep_failures: list[str] = []
 _job_started = False  # Hydra composed the config: every override on the command line was valid
 
 
@@ -61,8 +60,12 @@ def train_main() -> None:
         _job_started = True
         hydra_cfg = HydraConfig.get()
         run_dir = Path(hydra_cfg.runtime.output_dir)
+        overrides = list(hydra_cfg.overrides.task)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # a requeuing launcher's jobs resume themselves
+            launcher = str(hydra_cfg.launcher.get("_target_", ""))
+            cfg.trainer.resume = job_resume(launcher, overrides, cfg.trainer.get("resume", False))
         try:
-            summary = run_job(cfg, run_dir, list(hydra_cfg.overrides.task))
+            summary = run_job(cfg, run_dir, overrides)
         except Exception as exc:  # noqa: BLE001  (recorded, then reported by exit code or sweep summary)
             code = record_failure(run_dir, exc)
             if hydra_cfg.mode == RunMode.MULTIRUN:  # one failing job does not end the sweep
@@ -76,7 +79,8 @@ def train_main() -> None:
 
     sys.argv = [sys.argv[0], *torchrun_argv(sys.argv[1:], dict(os.environ))]
     from gendd_framework.errors import ConfigError
-    from gendd_framework.launchers import precheck
+    from gendd_framework.launchers import job_resume, precheck
+    from gendd_framework.sweep_callback import SWEEP_FAILURES
 
     try:  # a sweep whose launcher/sweeper cannot run stops here, before its first job
         precheck(sys.argv[1:], str(config_dir()), search_dirs(sys.argv[1:])[1:])
@@ -94,7 +98,7 @@ def train_main() -> None:
             if hint:
                 print(hint, file=sys.stderr)
         raise
-    if _sweep_failures:
+    if SWEEP_FAILURES:
         raise SystemExit(EXIT_SWEEP_FAILURES)
 
 
@@ -171,43 +175,6 @@ def log_to_files(text: str) -> list[str]:
             handler.flush()
             files.append(handler.baseFilename)
     return files
-
-
-def _sweep_callback_base():
-    from hydra.experimental.callback import Callback
-
-    return Callback
-
-
-class SweepReport(_sweep_callback_base()):
-    """Hydra callback: before a multirun, check its launcher/sweeper (Hydra reports a failed check as a
-    warning: `launchers.precheck` already stopped command lines it could compose); after it, list
-    finished and failed jobs in `<sweep dir>/sweep_summary.json` and make `gendd-train -m` exit
-    non-zero when any job failed."""
-
-    def on_multirun_start(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
-        from gendd_framework.launchers import check_multirun
-
-        check_multirun(config)
-
-    def on_multirun_end(self, config, **kwargs) -> None:  # noqa: ANN001, ANN003
-        import json
-
-        sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()) if sweep_dir.is_dir() else []
-        failed = {
-            p.name: json.loads((p / "failed.json").read_text())["error"]
-            for p in jobs
-            if (p / "failed.json").exists()
-        }
-        finished = [p.name for p in jobs if (p / "summary.json").exists() and p.name not in failed]
-        missing = [p.name for p in jobs if p.name not in failed and p.name not in finished]
-        report = {"jobs": len(jobs), "finished": finished, "failed": failed, "missing": missing}
-        (sweep_dir / "sweep_summary.json").write_text(json.dumps(report, indent=2))
-        print(f"sweep {sweep_dir}: {len(finished)} finished, {len(failed)} failed, {len(missing)} missing")
-        for name, error in failed.items():
-            print(f"  failed {name}: {error}")
-        _sweep_failures.extend(failed)
 
 
 def search_dirs(argv: list[str]) -> list[Path]:

@@ -6,8 +6,6 @@ Hydra's struct mode already rejects unknown `key=value` overrides; this catches 
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,41 +14,36 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gendd_framework.config_checks import check_values, unresolvable
-from gendd_framework.engine.speed import KEYS_COMPILE, KEYS_SPEED
-from gendd_framework.engine.teacher_cache import KEYS as CACHE_KEYS
-from gendd_framework.engine.trainer import TrainerConfig
 from gendd_framework.errors import ConfigError
-
-REQUIRED_TOP = ("data", "student", "method", "optim", "sched", "trainer", "seed", "stages")
-OPTIONAL_TOP = (
-    "teacher", "logger", "plugins", "paths", "name", "eval", "pretrain", "hint", "hydra", "notes", "recipe"
-)  # fmt: skip
-TRAINER_EXTRA = ("device",)
-TEACHER_KEYS = ("model", "weights", "cache_dir", "train_if_missing", "train", "members", "combine", "run_dir")
-MEMBER_KEYS = ("model", "weights", "train", "cache_dir", "train_if_missing")
-TRAIN_KEYS = ("seed", "epochs", "optim", "sched")
-PRETRAIN_KEYS = ("handover", "epochs", "optim", "sched")
-HINT_KEYS = ("epochs", "optim", "sched", "student_layers", "teacher_layers", "regressor")
-LOADER_KEYS = ("batch_size", "eval_batch_size", "num_workers", "pin_memory")
-LOGGER_KEYS = ("backends",)
+from gendd_framework.schema import (  # noqa: F401  (plain, trainer_config: re-exported for the stages)
+    CACHE_KEYS,
+    HINT_KEYS,
+    KEYS_COMPILE,
+    KEYS_SPEED,
+    LOADER_KEYS,
+    LOGGER_KEYS,
+    MEMBER_KEYS,
+    OPTIONAL_TOP,
+    PRETRAIN_KEYS,
+    REQUIRED_TOP,
+    TEACHER_KEYS,
+    TRAIN_KEYS,
+    TRAINER_KEYS,
+    closed,
+    plain,
+    trainer_config,
+)
 
 
 def _check_keys(node: Any, allowed: Iterable[str], where: str) -> None:
     """Closed sections: an unknown key is a typo, reported with the closest allowed key."""
-    if not isinstance(node, DictConfig):
-        return  # a wrong type (or null) is reported by the value rules with the key's name
-    allowed = list(allowed)
-    for key in node:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{where}{key}'{hint}; allowed: {', '.join(allowed)}")
+    if isinstance(node, DictConfig):  # a wrong type (or null) is reported by the value rules
+        closed(node, tuple(allowed), where)
 
 
 def _closed_sections(cfg: DictConfig) -> Iterator[tuple[Any, tuple[str, ...], str]]:
     """(node, allowed keys, dotted prefix) for every section whose keys the framework fixes."""
-    trainer_fields = tuple(f.name for f in dataclasses.fields(TrainerConfig)) + TRAINER_EXTRA
-    yield cfg.trainer, trainer_fields, "trainer."
+    yield cfg.trainer, TRAINER_KEYS, "trainer."
     if isinstance(cfg.trainer, DictConfig):
         speed = cfg.trainer.get("speed")
         yield speed, KEYS_SPEED, "trainer.speed."
@@ -96,11 +89,6 @@ def validate(cfg: DictConfig) -> None:
     check_values(cfg)
 
 
-def plain(node: Any) -> Any:
-    """A config node as plain Python containers (interpolations resolved); other values unchanged."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig | ListConfig) else node
-
-
 def apply_recipe(cfg: DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
     """Merge the method's `per_recipe[<cfg.recipe>]` values into the method node and drop the table.
 
@@ -131,13 +119,19 @@ def apply_recipe(cfg: DictConfig, overrides: Iterable[str] = ()) -> DictConfig:
 
 
 def user_method_keys(overrides: Iterable[str]) -> list[str]:
-    """Config paths under `method` that command-line overrides set (`method.lam=0.5` -> method.lam,
-    `method/sampler=euler` -> method.sampler)."""
+    """Config paths under `method` that the job's command-line overrides set (`method.lam=0.5` ->
+    method.lam, `method/sampler=euler` -> method.sampler, or its `@package`).
+
+    The overrides are read with Hydra's own grammar (quoting, `+`/`++` prefixes, sweeps, `@package`),
+    for their keys only: the values kept are those Hydra already merged into the config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     paths = []
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
-        if key.startswith("method.") or key.startswith("method/"):
-            paths.append(key.replace("/", "."))
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if override.is_delete() or not key.startswith(("method.", "method/")):
+            continue
+        paths.append(override.package if "/" in key and override.package else key.replace("/", "."))
     return paths
 
 
@@ -147,10 +141,3 @@ def run_config_path(run_dir: Path) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def trainer_config(node: DictConfig | dict, **overrides) -> TrainerConfig:
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    values = {k: v for k, v in values.items() if k not in TRAINER_EXTRA}
-    values.update(overrides)
-    return TrainerConfig(**values)

@@ -17,10 +17,15 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from gendd_framework.engine.speed import COMPILE_MODES, TEACHER_MODES
-from gendd_framework.engine.teacher_cache import DTYPES as CACHE_DTYPES
-from gendd_framework.engine.teacher_cache import MODES as CACHE_MODES
 from gendd_framework.errors import ConfigError
+from gendd_framework.schema import (
+    CACHE_DTYPES,
+    CACHE_MODES,
+    COMBINE,
+    COMPILE_MODES,
+    PRECISIONS,
+    TEACHER_MODES,
+)
 
 ABSENT: Any = object()
 
@@ -171,14 +176,14 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.accum_steps", integer(1)),
     Rule("trainer.log_every", integer(1)),
     Rule("trainer.grad_clip", number(gt=0).or_null()),
-    Rule("trainer.precision", one_of("fp32", "bf16", "fp16")),
+    Rule("trainer.precision", one_of(*PRECISIONS)),
     Rule("trainer.progress", BOOL),
-    Rule("trainer.resume", BOOL),
+    Rule("trainer.resume", Allowed(lambda v: isinstance(v, bool) or v == "auto", "true or false, or auto")),
     Rule("trainer.select", SELECT.or_null()),
     Rule("trainer.device", DEVICE),
     Rule("trainer.sync_bn", BOOL),
     Rule("trainer.find_unused_parameters", BOOL),
-    Rule("trainer.speed", MAPPING.or_null()),  # keys: engine/speed.py (closed in config.py)
+    Rule("trainer.speed", MAPPING.or_null()),  # keys: schema.SpeedConfig (closed in config.py)
     Rule("trainer.speed.channels_last", BOOL),
     Rule("trainer.speed.compile", MAPPING.or_null()),
     *(Rule(f"trainer.speed.compile.{k}", BOOL) for k in ("student", "teacher", "head", "fullgraph")),
@@ -189,7 +194,7 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.speed.head_checkpointing", BOOL),
     Rule("trainer.speed.persistent_workers", BOOL),
     Rule("trainer.speed.prefetch_factor", integer(1).or_null()),
-    Rule("trainer.teacher_cache", MAPPING.or_null()),  # keys: engine/teacher_cache.py
+    Rule("trainer.teacher_cache", MAPPING.or_null()),  # keys: schema.CacheConfig
     Rule("trainer.teacher_cache.mode", one_of(*CACHE_MODES)),
     Rule("trainer.teacher_cache.dir", STRING.or_null()),
     Rule("trainer.teacher_cache.views", integer(1).or_null()),
@@ -215,7 +220,7 @@ RULES: tuple[Rule, ...] = (
     Rule("teacher.weights", STRING.or_null()),
     Rule("teacher.cache_dir", STRING),
     Rule("teacher.train_if_missing", BOOL),
-    Rule("teacher.combine", one_of("probs", "logits")),
+    Rule("teacher.combine", one_of(*COMBINE)),
     Rule("teacher.run_dir", STRING.or_null()),
     Rule("teacher.members", Allowed(_is_list, "a list").or_null()),
     Rule("teacher.members.*", MAPPING),

@@ -3,7 +3,8 @@
 The launcher presets compose without their plugin packages (so configs can be checked anywhere);
 launching one whose plugin is missing stops before any job starts, naming the extra to install,
 instead of Hydra's "Unknown plugin class". An Optuna sweep is also checked to optimise the objective
-`gendd-train` returns in the right direction.
+`gendd-train` returns in the right direction. Jobs of launchers that re-run a job after a preemption
+or time-out (submitit, Ray) default to `trainer.resume=auto`, so the re-run continues the job.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ PLUGINS = (
     ),
 )
 HIGHER_IS_BETTER = {"acc": True, "agree": True, "ce": False, "ece": False, "kl": False}
+# Launchers that run a job again in its own folder: submitit requeues a preempted or timed-out job
+# (the launcher's checkpoint() resubmits the same pickled job: same overrides, same sweep dir, whose
+# ${now:} was resolved once at launch) and Ray retries a task whose worker or node died.
+REQUEUING = ("hydra_plugins.hydra_submitit_launcher.", "hydra_plugins.hydra_ray_launcher.")
 
 
 def installed(module: str) -> bool:
@@ -60,6 +65,16 @@ def missing_message(plugin: Plugin, selection: str) -> str:
         f"{selection} needs the {plugin.package} plugin, which is not installed: "
         f"pip install 'gendd-framework[{plugin.extra}]' (or pip install {plugin.package})"
     )
+
+
+def job_resume(launcher: str, overrides: Iterable[str], resume: bool | str) -> bool | str:
+    """`trainer.resume` of one sweep job started by the launcher class `launcher`: `auto` under a
+    requeuing launcher (the submitit_slurm, submitit_local and ray presets) unless the job's command
+    line sets trainer.resume itself, so a requeued job continues from its checkpoints."""
+    explicit = any(o.split("=", 1)[0].lstrip("+~") == "trainer.resume" for o in overrides)
+    if resume is False and not explicit and launcher.startswith(REQUEUING):
+        return "auto"
+    return resume
 
 
 def check_plugins(config: Any) -> None:

@@ -3,11 +3,14 @@
 `run(cfg, run_dir)` validates the config, imports plugins, builds data, then runs the configured stages
 in order (each a registered function such as `teacher` or `distill`). Every stage returns a record that
 goes into `summary.json`; metrics stream to `metrics.jsonl` and checkpoints to `checkpoints/`.
+`summary.json` is written last (atomically): a run folder holding one without `failed.json` is finished,
+which is how `trainer.resume=auto` skips a finished run and resumes an unfinished one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gendd_framework import config as config_lib
 from gendd_framework.engine import distributed
-from gendd_framework.engine.checkpoint import atomic_save, seed_everything
-from gendd_framework.engine.loggers import flatten
+from gendd_framework.engine.checkpoint import atomic_save, kill_point, seed_everything
+from gendd_framework.engine.loggers import atomic_write_text, flatten
 from gendd_framework.errors import ConfigError, NonFiniteLossError
 from gendd_framework.plugins import load_plugins
 from gendd_framework.registry import split_spec
@@ -29,6 +32,7 @@ from gendd_framework.runtime import (  # noqa: F401  (re-exported: the pipeline'
     resolve_device,
 )
 
+LOG = logging.getLogger("gendd_framework")
 # keys that may change between a run and its resumption without changing what is computed
 RESUME_NEUTRAL = (
     "trainer.resume", "trainer.progress", "trainer.device", "data.loader.num_workers",
@@ -37,15 +41,26 @@ RESUME_NEUTRAL = (
 )  # fmt: skip
 
 
-def check_resume(cfg: DictConfig, run_dir: Path) -> None:
-    """`trainer.resume=true` continues the run in `run_dir` only with the config it was started with."""
-    if not cfg.trainer.get("resume"):
-        return
+def check_resume(cfg: DictConfig, run_dir: Path) -> str:
+    """What this launch does in `run_dir`: "fresh", "resume" or "finished" (the last with resume=auto).
+
+    `trainer.resume=true` continues the run in `run_dir` (each stage from its `<stage>_last.pt`) only
+    with the config it was started with. `auto` does the same when the folder holds a checkpoint or a
+    summary, skips a finished run (`finished_summary`), and starts fresh when the folder holds nothing
+    or only what a start-up leaves (.hydra/, a log, config_resolved.yaml, temp files, metric rows of an
+    attempt that saved no checkpoint: `_run` drops them)."""
+    mode = cfg.trainer.get("resume") or False
+    if not mode:
+        return "fresh"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*_last.pt"))
+    if mode == "auto" and not checkpoints and not (run_dir / "summary.json").is_file():
+        LOG.info("resume=auto: no checkpoint in %s, starting fresh", run_dir)
+        return "fresh"
     previous = run_dir / "config_resolved.yaml"
     if not previous.is_file():
         raise ConfigError(
-            f"trainer.resume=true but {run_dir} holds no earlier run (no config_resolved.yaml); point "
-            "hydra.run.dir at the run to resume, or drop trainer.resume"
+            f"trainer.resume={str(mode).lower()} but {run_dir} holds no earlier run (no "
+            "config_resolved.yaml); point hydra.run.dir at the run to resume, or drop trainer.resume"
         )
     old = flatten(OmegaConf.to_container(OmegaConf.load(previous)), sep=".")
     new = flatten(OmegaConf.to_container(cfg, resolve=True), sep=".")
@@ -59,9 +74,29 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
             f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:8]
         )
         raise ConfigError(
-            f"trainer.resume=true with a changed config ({detail}); resume with the config of {run_dir} "
-            "or start a new run directory"
+            f"trainer.resume={str(mode).lower()} with a changed config ({detail}); resume with the config "
+            f"of {run_dir} or start a new run directory"
         )
+    if mode == "auto" and finished_summary(run_dir) is not None:
+        LOG.info("resume=auto: %s already finished (summary.json, no failed.json); nothing to do", run_dir)
+        return "finished"
+    if mode == "auto":
+        LOG.info(
+            "resume=auto: continuing the run in %s (%s)", run_dir, ", ".join(checkpoints) or "summary.json"
+        )
+    return "resume"
+
+
+def finished_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a finished run: `summary.json` readable and without a failure, and no
+    `failed.json` (a later failed launch in the folder); None otherwise."""
+    if (run_dir / "failed.json").exists():
+        return None
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and "failed" not in summary else None
 
 
 def stage_keys(cfg: DictConfig) -> list[tuple[str, str, dict]]:
@@ -109,15 +144,20 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
     stages = stage_keys(cfg)
     started = time.perf_counter()
     main = distributed.is_main_process()
-    check_resume(cfg, run_dir)
+    plan = check_resume(cfg, run_dir)
+    if plan == "finished":  # resume=auto on a finished run: nothing to redo
+        return finished_summary(run_dir)
     data, loader_cfg = build_data(cfg.data)
     preflight(cfg, data, loader_cfg)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         # the config as run: per-recipe method values merged in (the .hydra/ copy is the composed one)
         (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        kill_point("preflight")  # test hook (engine/checkpoint.py): inert unless its env var is set
     seed_everything(int(cfg.seed))
     ctx = RunContext(cfg, run_dir, device, data, loader_cfg, build_logger(cfg, run_dir))
+    if main and plan == "fresh" and cfg.trainer.get("resume") == "auto":
+        atomic_write_text(ctx.logger.jsonl_path, "")  # rows of attempts that left no checkpoint
     summary: dict[str, Any] = {
         "name": cfg.get("name"),
         "seed": int(cfg.seed),
@@ -148,10 +188,11 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
         predictor, summary["export"] = final_predictor(ctx)
     if not main:
         return summary
-    write_summary(run_dir, summary)
-    (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
+    kill_point("finish")
     if predictor is not None:
         atomic_save(predictor.state_dict(), run_dir / "student.pt")
+    (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
+    write_summary(run_dir, summary)  # last: a summary.json marks the run finished (resume=auto skips it)
     from gendd_framework.plots import plot_metrics
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
@@ -189,4 +230,5 @@ def elapsed(started: float) -> float:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    """Atomic: a kill leaves no half summary that would read as a finished run."""
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))

@@ -24,13 +24,13 @@ from gendd_framework.engine.loggers import JsonlLogger, LoggerGroup, MetricLogge
 from gendd_framework.engine.optim import build_optimizer
 from gendd_framework.engine.speed import apply_speed, loader_options
 from gendd_framework.engine.teacher_cache import cache_for_run, wrap_train_dataset
-from gendd_framework.engine.trainer import Trainer, TrainerConfig, evaluate, optimizer_steps_per_epoch
+from gendd_framework.engine.trainer import Trainer, evaluate, optimizer_steps_per_epoch
 from gendd_framework.errors import ConfigError
 from gendd_framework.methods.base import required_views, unoptimised_parameters
 from gendd_framework.registry import DATASETS, LOGGERS, METHODS, SCHEDULERS, split_spec
+from gendd_framework.schema import TrainerConfig, cache_dir, loader_config, plain
 
 LOG = logging.getLogger("gendd_framework")
-LOADER_DEFAULTS = {"batch_size": 64, "eval_batch_size": 256, "num_workers": 0, "pin_memory": None}
 
 
 @dataclass
@@ -107,21 +107,13 @@ class RunContext:
         return loader, generator
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
-    return device
+resolve_device = distributed.device_for  # `trainer.device` -> torch.device for one process
 
 
 def build_data(node: DictConfig) -> tuple[DataSplits, dict[str, Any]]:
+    """The dataset's splits and its `data.loader` settings (over `schema.LOADER_DEFAULTS`)."""
     name, kwargs = split_spec(node, "dataset")
-    loader_cfg = {**LOADER_DEFAULTS, **(kwargs.pop("loader", None) or {})}
-    unknown = set(loader_cfg) - set(LOADER_DEFAULTS)
-    if unknown:
-        raise ConfigError(f"unknown data.loader key(s) {sorted(unknown)}; allowed: {sorted(LOADER_DEFAULTS)}")
+    loader_cfg = loader_config(kwargs.pop("loader", None))
     return DATASETS.build({"name": name, **kwargs}), loader_cfg
 
 
@@ -197,7 +189,15 @@ def fit_method(
     _, opt_kwargs = split_spec(optim, "optimizer")
     groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
     check_parameters(method, groups, stage)
-    cache = cache_for_run(ctx, method, trainer)  # None unless trainer.teacher_cache.mode is set
+    shared = cache_dir(ctx.cfg.get("paths"))
+    cache = cache_for_run(  # None unless trainer.teacher_cache.mode is set
+        method,
+        trainer,
+        root=shared / "teacher_outputs" if shared is not None else None,
+        data_config=plain(ctx.cfg.data),
+        device=ctx.device,
+        train_dataset=ctx.data.train,
+    )
     if applied or cache is not None:
         where = cache.stats().get("folder", "off") if cache is not None else "off"
         LOG.info("%s: speed options %s; teacher cache %s", stage, applied, where)

@@ -30,6 +30,7 @@ from gendd_framework.models import build_model, load_state_dict_file
 from gendd_framework.models.ensemble import EnsembleTeacher
 from gendd_framework.registry import METHODS, STAGES, split_spec
 from gendd_framework.runtime import RunContext, build_method, fit_method
+from gendd_framework.schema import DEFAULT_COMBINE
 
 # data keys that do not change a trained teacher (it always trains on every label; these loader keys
 # change speed, not arithmetic)
@@ -75,7 +76,11 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
         return model, {"source": str(node["weights"])}
     cache = Path(node["cache_dir"]).expanduser() / f"{teacher_cache_key(ctx, node)}.pt"
     model = build_model(node["model"], num_classes=num_classes)
-    if distributed.broadcast_object(cache.exists()):  # rank 0 decides: every rank loads or every rank trains
+    # a resumed run that was training this teacher continues that training (a requeued job is not sent
+    # back to epoch 0) and, once it is done, gives the record of an uninterrupted run
+    resume = ctx.cfg.trainer.get("resume") or False
+    own = bool(resume) and (ctx.ckpt_dir / f"{stage}_last.pt").exists()
+    if distributed.broadcast_object(cache.exists() and not own):  # rank 0 decides for every rank
         model.load_state_dict(load_state_dict_file(cache))
         return model, {"source": f"cache:{cache}"}
     if not node.get("train_if_missing", True) or node.get("train") is None:
@@ -90,7 +95,11 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
     # the teacher's recipe alone decides it: best-on-val checked every epoch, whatever the student's
     # trainer.eval_every (a GenDD preset validating every 5 epochs must not pick another teacher)
     trainer = config_lib.trainer_config(
-        ctx.cfg.trainer, epochs=int(train["epochs"]), resume=False, select=None, eval_every=TEACHER_EVAL_EVERY
+        ctx.cfg.trainer,
+        epochs=int(train["epochs"]),
+        resume=resume,
+        select=None,
+        eval_every=TEACHER_EVAL_EVERY,
     )
     fit = fit_method(
         ctx,
@@ -103,7 +112,7 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
         all_labels=True,
     )
     # the teacher trains under DDP like any stage (all ranks hold the same weights); rank 0 caches it
-    if distributed.is_main_process():
+    if distributed.is_main_process() and not cache.exists():
         atomic_save(model.state_dict(), cache)
     return model, {"source": f"trained:{cache}", "best_epoch": fit["best_epoch"]}
 
@@ -205,7 +214,7 @@ def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
     tcfg = plain(tcfg)
     if tcfg.get("members"):
         members = [build_model(m["model"], num_classes=num_classes) for m in tcfg["members"]]
-        return EnsembleTeacher(members, tcfg.get("combine", "probs"))
+        return EnsembleTeacher(members, tcfg.get("combine", DEFAULT_COMBINE))
     if tcfg.get("run_dir") and not tcfg.get("model"):
         return run_predictor(Path(str(tcfg["run_dir"])).expanduser(), num_classes)
     return build_model(tcfg["model"], num_classes=num_classes)
@@ -243,7 +252,7 @@ def teacher_stage(ctx: RunContext) -> dict[str, Any]:
             model_i, record_i = single_teacher(ctx, node, stage=f"teacher_{i}")
             members.append(freeze(model_i.to(ctx.device)))
             record[f"member_{i}"] = {**record_i, **evaluate_teacher(ctx, model_i)}
-        model = EnsembleTeacher(members, tcfg.get("combine", "probs"))
+        model = EnsembleTeacher(members, tcfg.get("combine", DEFAULT_COMBINE))
         record["combine"] = model.combine
     else:
         model, record = single_teacher(ctx, tcfg)

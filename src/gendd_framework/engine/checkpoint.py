@@ -1,4 +1,5 @@
-"""Atomic checkpoints with every RNG state, loaded with `weights_only=True` (loading runs no code)."""
+"""Atomic checkpoints with every RNG state, loaded with `weights_only=True` (loading runs no code), and
+the crash test hook (`kill_point`) that resume tests use to stop a run at an exact point."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import logging
 import os
 import random
 import re
+import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -18,22 +21,60 @@ from gendd_framework.errors import ConfigError
 LOG = logging.getLogger("gendd_framework")
 # atomic_save's temp names: mkstemp(prefix=".<target>.", suffix=".tmp") adds 8 random [a-z0-9_]
 TMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+KILL_FILE_ENV = "GENDD_TEST_KILL_FILE"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves half a file."""
+def kill_point(*parts: object) -> None:
+    """Test hook, inert unless $GENDD_TEST_KILL_FILE names a file: when this point is that file's first
+    line, drop the line and signal this process (`<point> [SIGNAL]`, default KILL, e.g. `distill:epoch:2
+    USR2`). A relaunched run finds the next line, so one file crashes a run at exact points in turn.
+    Points: `preflight` (config_resolved.yaml written, no stage run), `<stage>:step:<n>` (after
+    optimizer step n), `<stage>:epoch:<e>` (epoch e evaluated and logged, its checkpoint not yet
+    saved), `save:<file name>` (temp file complete, not yet renamed), `finish` (stages done, nothing
+    of the end written)."""
+    path = os.environ.get(KILL_FILE_ENV)
+    if not path or not os.path.isfile(path):
+        return
+    with open(path) as fh:
+        lines = fh.read().splitlines()
+    head = lines[0].split() if lines else []
+    if not head or head[0] != ":".join(str(p) for p in parts):
+        return
+    with open(path, "w") as fh:  # consumed before the signal: a requeued process runs past this point
+        fh.write("".join(line + "\n" for line in lines[1:]))
+    LOG.warning("test hook %s: %s at %s", KILL_FILE_ENV, head[1] if len(head) > 1 else "KILL", head[0])
+    os.kill(os.getpid(), getattr(signal, "SIG" + (head[1] if len(head) > 1 else "KILL")))
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write through `write(file)` to a temp file in the same folder, fsync, then rename: a crash never
+    leaves half a file. The file gets the usual permissions (0666 minus the umask), not mkstemp's 0600,
+    so the people sharing a cluster folder can read it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        kill_point("save", path.name)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """`torch.save` through `atomic_write`."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def remove_stale_tmp(directory: str | Path) -> list[Path]:

@@ -96,23 +96,25 @@ def _export_submitit_env() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def device_for(name: str, local_rank: int, world_size: int) -> torch.device:
-    """`trainer.device` for this rank: `auto`/`cuda` become `cuda:LOCAL_RANK` when several ranks run."""
+def device_for(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """`trainer.device` as a torch.device (one process by default): `auto` is CUDA when available,
+    else the CPU; with several ranks `auto`/`cuda` become `cuda:LOCAL_RANK`. A CUDA device with an
+    index becomes the current one (for the collectives and `torch.cuda` calls without a device)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu")
+    if world_size > 1:
+        if device.index is not None:
             raise ConfigError(
-                f"trainer.device={name} but CUDA is not available; use trainer.device=auto or cpu"
+                f"trainer.device={name} with {world_size} ranks: use trainer.device=cuda "
+                "(each rank takes cuda:LOCAL_RANK)"
             )
-        if world_size > 1:
-            if device.index is not None:
-                raise ConfigError(
-                    f"trainer.device={name} with {world_size} ranks: use trainer.device=cuda "
-                    "(each rank takes cuda:LOCAL_RANK)"
-                )
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    if device.index is not None:  # torch.cuda.set_device refuses a bare "cuda"
         torch.cuda.set_device(device)
     return device
 

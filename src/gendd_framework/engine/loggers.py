@@ -6,12 +6,11 @@ import csv
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from gendd_framework.engine.checkpoint import atomic_write
 from gendd_framework.registry import LOGGERS
 
 LOG = logging.getLogger("gendd_framework")
@@ -138,7 +137,7 @@ class WandbLogger(MetricLogger):
             **resume,
         )
         if not run_id and not getattr(self.run, "disabled", False):
-            _atomic_write(id_file, f"{self.run.id}\n")
+            atomic_write_text(id_file, f"{self.run.id}\n")
 
     def log(self, record: dict[str, Any]) -> None:
         nums = {f"{record.get('stage', '')}/{k}": v for k, v in record.items() if isinstance(v, (int, float))}
@@ -207,16 +206,9 @@ def _finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Temp file + rename: a kill leaves the old or the new file, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file + rename (`checkpoint.atomic_write`): a kill leaves the old or the new file."""
+    atomic_write(path, lambda fh: fh.write(text.encode()))
 
 
 def _parse(line: str) -> dict[str, Any] | None:
@@ -278,4 +270,4 @@ def truncate_jsonl(path: Path, stage: str, max_step: int, keep_rows: int | None 
         kept.append(line)
     if dropped_bad:
         LOG.warning("dropped %d unparsable line(s) of %s", dropped_bad, path)
-    _atomic_write(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gendd_framework.losses.kd import kl_divergence_per_sample
+
 
 def calibration_bins(
     logits: torch.Tensor, target: torch.Tensor, bins: int = 15
@@ -48,7 +50,7 @@ class MetricAccumulator:
         teacher_logits: torch.Tensor | None = None,
     ) -> None:
         self.total += target.numel()
-        teacher_log_probs = teacher_logits.float().log_softmax(dim=1) if teacher_logits is not None else None
+        teacher_logits = teacher_logits.float() if teacher_logits is not None else None
         for name, logits in outputs.items():
             logits = logits.float()
             acc = self.sums.setdefault(name, {"correct": 0.0, "ce": 0.0, "bins": None})
@@ -56,10 +58,9 @@ class MetricAccumulator:
             acc["ce"] += F.cross_entropy(logits, target, reduction="sum").item()
             bins = torch.stack(calibration_bins(logits, target, self.bins))
             acc["bins"] = bins if acc["bins"] is None else acc["bins"] + bins
-            if teacher_log_probs is not None:
-                log_probs = logits.log_softmax(dim=1)
-                kl = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(dim=1)
-                agree = (logits.argmax(1) == teacher_log_probs.argmax(1)).sum().item()
+            if teacher_logits is not None:
+                kl = kl_divergence_per_sample(teacher_logits, logits)
+                agree = (logits.argmax(1) == teacher_logits.argmax(1)).sum().item()
                 acc["agree"] = acc.get("agree", 0.0) + agree
                 acc["kl"] = acc.get("kl", 0.0) + kl.sum().item()
 

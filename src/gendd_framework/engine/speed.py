@@ -1,5 +1,7 @@
 """Speed options (`trainer.speed`): applied to a method's models and to data loaders, never to the maths.
 
+The keys, defaults and allowed values are `schema.SpeedConfig` / `schema.CompileOptions`.
+
 Every option is off by default, so the default run is plain fp32 eager PyTorch (mixed precision is the
 separate `trainer.precision`). What each option does and when it pays off:
 
@@ -23,130 +25,16 @@ separate `trainer.precision`). What each option does and when it pays off:
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from gendd_framework.errors import ConfigError
+from gendd_framework.schema import CompileOptions, SpeedConfig
 
 LOG = logging.getLogger("gendd_framework")
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-TEACHER_MODES = ("inference", "no_grad")
-
-
-def _closed(node: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
-    for key in node:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"unknown config key '{where}.{key}'{hint}; allowed: {', '.join(allowed)}")
-
-
-def _plain(node: Any) -> Any:
-    """A config node as plain containers (DictConfig resolved), anything else unchanged."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
-def _flag(value: Any, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"config key '{key}' = {value!r}: must be true or false")
-    return value
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    """Which parts `torch.compile` compiles, and how (`mode` / `backend` / `dynamic` / `fullgraph`)."""
-
-    student: bool = False
-    teacher: bool = False
-    head: bool = False
-    mode: str = "default"
-    backend: str = "inductor"
-    dynamic: bool | None = None
-    fullgraph: bool = False
-
-    @property
-    def any(self) -> bool:
-        return self.student or self.teacher or self.head
-
-    @classmethod
-    def from_mapping(
-        cls, node: Mapping[str, Any] | None, where: str = "trainer.speed.compile"
-    ) -> CompileOptions:
-        node = dict(_plain(node) or {})
-        _closed(node, KEYS_COMPILE, where)
-        for key in ("student", "teacher", "head", "fullgraph"):
-            if key in node:
-                _flag(node[key], f"{where}.{key}")
-        if node.get("mode", "default") not in COMPILE_MODES:
-            raise ConfigError(
-                f"config key '{where}.mode' = {node['mode']!r}: must be one of {', '.join(COMPILE_MODES)}"
-            )
-        if not isinstance(node.get("backend", "inductor"), str) or not node.get("backend", "inductor"):
-            raise ConfigError(f"config key '{where}.backend' = {node['backend']!r}: must be a backend name")
-        if node.get("dynamic") is not None:
-            _flag(node["dynamic"], f"{where}.dynamic")
-        return cls(**node)
-
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode,
-            "backend": self.backend,
-            "dynamic": self.dynamic,
-            "fullgraph": self.fullgraph,
-        }
-
-
-@dataclass(frozen=True)
-class SpeedConfig:
-    """The `trainer.speed` node (see the module docstring for every option)."""
-
-    channels_last: bool = False
-    compile: CompileOptions = field(default_factory=CompileOptions)
-    teacher_mode: str = "no_grad"
-    head_checkpointing: bool = False
-    persistent_workers: bool = False
-    prefetch_factor: int | None = None
-
-    @classmethod
-    def from_mapping(cls, node: Mapping[str, Any] | SpeedConfig | None) -> SpeedConfig:
-        """Parse `trainer.speed` (None: all defaults); a bad key or value raises a ConfigError naming it."""
-        if isinstance(node, SpeedConfig):
-            return node
-        node = dict(_plain(node) or {})
-        _closed(node, KEYS_SPEED, "trainer.speed")
-        for key in ("channels_last", "head_checkpointing", "persistent_workers"):
-            if key in node:
-                _flag(node[key], f"trainer.speed.{key}")
-        if node.get("teacher_mode", "no_grad") not in TEACHER_MODES:
-            raise ConfigError(
-                f"config key 'trainer.speed.teacher_mode' = {node['teacher_mode']!r}: must be one of "
-                + ", ".join(TEACHER_MODES)
-            )
-        prefetch = node.get("prefetch_factor")
-        if prefetch is not None and (
-            not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 1
-        ):
-            raise ConfigError(
-                f"config key 'trainer.speed.prefetch_factor' = {prefetch!r}: must be null or >= 1"
-            )
-        node["compile"] = CompileOptions.from_mapping(node.get("compile"))
-        return cls(**node)
-
-    def with_(self, **changes: Any) -> SpeedConfig:
-        return replace(self, **changes)
-
-
-KEYS_COMPILE = tuple(f.name for f in fields(CompileOptions))
-KEYS_SPEED = tuple(f.name for f in fields(SpeedConfig))
 
 
 # -- models -----------------------------------------------------------------------------------------

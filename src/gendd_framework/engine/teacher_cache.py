@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,56 +53,13 @@ from gendd_framework.engine.checkpoint import atomic_save
 from gendd_framework.engine.statistics import weights_digest
 from gendd_framework.engine.teacher_store import TeacherWatch, ViewStore, fingerprint, load_store
 from gendd_framework.errors import ConfigError
+from gendd_framework.schema import CACHE_DTYPES, CacheConfig, SpeedConfig, TrainerConfig
 
 __all__ = ["CacheConfig", "TeacherCache", "RefusedCache", "TeacherWatch", "ViewStore", "fingerprint"]
 
 LOG = logging.getLogger("gendd_framework")
-MODES = ("off", "deterministic", "replay")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-KEYS = ("mode", "dir", "views", "seed", "dtype", "verify")
+DTYPES = {name: getattr(torch, name) for name in CACHE_DTYPES}
 FINGERPRINT_RTOL = 1e-9
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """`trainer.teacher_cache`: mode off|deterministic|replay, folder, replay views/seed, storage dtype."""
-
-    mode: str = "off"
-    dir: str | None = None  # null: <paths.cache_dir>/teacher_outputs
-    views: int | None = None  # replay: distinct augmented views per sample (null: one per epoch)
-    seed: int = 0  # replay: augmentation seed (independent of the run's seed)
-    dtype: str | None = None  # null: as computed; float16/bfloat16 halve the storage (values rounded)
-    verify: bool = True  # compare each cached sample's input fingerprint before using it
-
-    @classmethod
-    def from_mapping(cls, node: Mapping[str, Any] | CacheConfig | None) -> CacheConfig:
-        if isinstance(node, CacheConfig):
-            return node
-        node = dict(_plain(node) or {})
-        if node.get("mode") is False:  # an unquoted YAML `off`
-            node["mode"] = "off"
-        unknown = sorted(set(node) - set(KEYS))
-        if unknown:
-            raise ConfigError(
-                f"unknown config key(s) trainer.teacher_cache.{unknown}; allowed: {', '.join(KEYS)}"
-            )
-        cfg = cls(**node)
-        where = "config key 'trainer.teacher_cache"
-        if cfg.mode not in MODES:
-            raise ConfigError(f"{where}.mode' = {cfg.mode!r}: must be one of {', '.join(MODES)}")
-        if cfg.views is not None and (not _is_int(cfg.views) or cfg.views < 1):
-            raise ConfigError(f"{where}.views' = {cfg.views!r}: must be null or an integer >= 1")
-        if not _is_int(cfg.seed):
-            raise ConfigError(f"{where}.seed' = {cfg.seed!r}: must be an integer")
-        if cfg.dtype is not None and cfg.dtype not in DTYPES:
-            raise ConfigError(f"{where}.dtype' = {cfg.dtype!r}: must be null or one of {', '.join(DTYPES)}")
-        if not isinstance(cfg.verify, bool):
-            raise ConfigError(f"{where}.verify' = {cfg.verify!r}: must be true or false")
-        return cfg
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # -- fingerprints and keys --------------------------------------------------------------------------
@@ -308,7 +264,7 @@ def attach_teacher_cache(
     train_dataset: Dataset,
     data_config: Mapping[str, Any],
     numerics: Mapping[str, Any],
-    default_dir: str | Path,
+    default_dir: str | Path | None,
     epochs: int,
 ) -> TeacherCache | None:
     """Build the cache for `method`'s teacher and attach it (`method.teacher_cache`); None when the
@@ -327,6 +283,11 @@ def attach_teacher_cache(
     if refusal is not None:
         method.teacher_cache = RefusedCache(config.mode, refusal)
         return method.teacher_cache
+    folder = config.dir or default_dir
+    if folder is None:
+        raise ConfigError(
+            "trainer.teacher_cache needs a folder: set trainer.teacher_cache.dir or paths.cache_dir"
+        )
     if config.mode == "deterministic":
         check_deterministic(train_dataset)
     views = 1 if config.mode == "deterministic" else int(config.views or epochs)
@@ -343,7 +304,7 @@ def attach_teacher_cache(
     model = getattr(tap, "model", tap)
     key, full = cache_key(model, list(getattr(tap, "taps", ["logits"])), recipe)
     cache = TeacherCache(
-        config.dir or default_dir,
+        folder,
         key,
         len(train_dataset),
         dtype=config.dtype,
@@ -368,43 +329,39 @@ def wrap_train_dataset(dataset: Dataset, cache: TeacherCache | RefusedCache | No
     return ReplayViews(dataset, cache.seed, cache.views)
 
 
-def cache_for_run(ctx: Any, method: nn.Module, trainer: Any) -> TeacherCache | None:
-    """`attach_teacher_cache` with a run's settings: `trainer.teacher_cache`, the run's data config and
-    training split, `<paths.cache_dir>/teacher_outputs` as the default folder, and the numerics of
-    `trainer.precision` / `trainer.speed` on the run's device."""
-    from omegaconf import OmegaConf
-
-    from gendd_framework.engine.speed import SpeedConfig
-
-    config = CacheConfig.from_mapping(_plain(trainer.teacher_cache))
+def cache_for_run(
+    method: nn.Module,
+    trainer: TrainerConfig,
+    *,
+    root: Path | None,
+    data_config: Mapping[str, Any],
+    device: torch.device,
+    train_dataset: Dataset,
+) -> TeacherCache | RefusedCache | None:
+    """`attach_teacher_cache` with a run's settings, as plain values: `trainer.teacher_cache`, the
+    numerics of `trainer.precision` / `trainer.speed` on `device`, the data config and training split,
+    and `root` (`<paths.cache_dir>/teacher_outputs`) as the folder when `teacher_cache.dir` is null."""
+    config = CacheConfig.from_mapping(trainer.teacher_cache)
     if config.mode == "off" or getattr(method, "teacher", None) is None:
         return None
-    speed = SpeedConfig.from_mapping(_plain(trainer.speed))
+    speed = SpeedConfig.from_mapping(trainer.speed)
     if config.mode == "replay" and speed.persistent_workers:
         raise ConfigError(
             "trainer.teacher_cache.mode=replay needs trainer.speed.persistent_workers=false: persistent "
             "workers keep the dataset copy of their first epoch and would replay that epoch's views"
         )
-    paths = ctx.cfg.get("paths") or {}
-    root = Path(str(paths.get("cache_dir") or "~/.cache/gendd")).expanduser() / "teacher_outputs"
     numerics = {
         "precision": trainer.precision,
         "channels_last": speed.channels_last,
         "compile_teacher": speed.compile.kwargs() if speed.compile.teacher else None,
-        "device": torch.device(ctx.device).type,
+        "device": torch.device(device).type,
     }
     return attach_teacher_cache(
         method,
         config,
-        train_dataset=ctx.data.train,
-        data_config=OmegaConf.to_container(ctx.cfg.data, resolve=True),
+        train_dataset=train_dataset,
+        data_config=data_config,
         numerics=numerics,
         default_dir=root,
         epochs=trainer.epochs,
     )
-
-
-def _plain(node: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

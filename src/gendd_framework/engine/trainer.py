@@ -16,7 +16,6 @@ import contextlib
 import logging
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from gendd_framework.engine import distributed
 from gendd_framework.engine.loggers import MetricLogger, count_rows, truncate_jsonl
 from gendd_framework.engine.metrics import MetricAccumulator
 from gendd_framework.errors import ConfigError, NonFiniteLossError
+from gendd_framework.schema import TrainerConfig
 
 LOG = logging.getLogger("gendd_framework")
 # Called on the method itself (every rank, never a DDP wrapper): after each optimizer update and its
@@ -44,25 +44,6 @@ def method_hook(method: Any, name: str):
     loop does no work for it)."""
     fn = getattr(method, name, None)
     return None if not callable(fn) or getattr(fn, "noop_hook", False) else fn
-
-
-@dataclass
-class TrainerConfig:
-    """Loop settings (the `trainer:` config group)."""
-
-    epochs: int = 10
-    eval_every: int = 1
-    grad_clip: float | None = None
-    accum_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    progress: bool = True
-    log_every: int = 20
-    resume: bool = False
-    select: str | None = None  # metric used for "best"; default: acc of the method's primary output
-    sync_bn: bool = False  # DDP: BatchNorm statistics over the global batch (CUDA only)
-    find_unused_parameters: bool = False  # DDP: allow optimised parameters without a gradient in a step
-    speed: dict | None = None  # channels_last, compile, teacher_mode, ... (engine/speed.py)
-    teacher_cache: dict | None = None  # off | deterministic | replay (engine/teacher_cache.py)
 
 
 def optimizer_steps_per_epoch(batches: int, accum_steps: int) -> int:
@@ -231,8 +212,9 @@ class Trainer:
             ckpt.remove_stale_tmp(self.ckpt_dir)
         if self.cfg.resume and distributed.broadcast_object(self.path("last").exists()):
             state = self.restore(self.path("last"))
+            line = "resume=auto: continuing stage %s" if self.cfg.resume == "auto" else "%s: resumed"
             LOG.info(
-                "%s: resumed from %s at epoch %d/%d (step %d)",
+                line + " from %s at epoch %d/%d (step %d)",
                 self.stage,
                 self.path("last"),
                 self.epoch,
@@ -293,6 +275,7 @@ class Trainer:
                         self.epoch,
                         self.path("best"),
                     )
+            ckpt.kill_point(self.stage, "epoch", self.epoch)  # test hook (inert unless its env var is set)
             state = self.state()  # a collective under DDP: every rank builds it, rank 0 writes it
             if self.dist.is_main:
                 ckpt.atomic_save(state, self.path("last"))
@@ -425,6 +408,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        ckpt.kill_point(self.stage, "step", self.step)
         after = self.hooks["after_optimizer_step"]
         if after is not None:
             after(ctx)

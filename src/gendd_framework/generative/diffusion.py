@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 
 from gendd_framework.errors import ConfigError
+from gendd_framework.generative.protocol import ModelFn, Objective, as_working
 from gendd_framework.generative.schedules import make_betas, respace_betas, space_timesteps
 from gendd_framework.registry import OBJECTIVES
-
-ModelFn = Callable[..., Any]
 
 # The official code keeps the image-diffusion decoder NLL (8-bit bins) on features too; kept for parity.
 _BIN_HALF_WIDTH = 1.0 / 255.0
@@ -71,7 +69,7 @@ def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_variance: t
 
 
 @OBJECTIVES.register("gaussian_diffusion")
-class GaussianDiffusion:
+class GaussianDiffusion(Objective):
     """DDPM objective: ε-MSE plus the IDDPM variational bound for a learned-range variance (as GenDD).
 
     Args:
@@ -85,6 +83,7 @@ class GaussianDiffusion:
     """
 
     kind = "diffusion"  # the Objective protocol (generative/protocol.py): sampled by ddpm / ddim
+    discrete_time = True
 
     def __init__(
         self,
@@ -285,49 +284,27 @@ class GaussianDiffusion:
         nll = nll.mean(-1) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
 
-    def training_losses(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        *,
-        t: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        reduction: str = "mean",
-    ) -> dict[str, torch.Tensor]:
-        """dict(loss, mse, vb): ε-MSE (mean over channels) + vb_weight·VB (bits, stop-grad on ε).
+    def draw_time(
+        self, rows: torch.Size, generator: torch.Generator | None, x0: torch.Tensor
+    ) -> torch.Tensor:
+        """Chain indices t ~ U{0..T−1}, one per row."""
+        return torch.randint(0, self.num_timesteps, rows, device=x0.device, generator=generator)
 
-        One t ~ U{0..T−1} and one ε per row (every index of x0.shape[:-1]); `reduction='mean'` averages
-        over all rows (official), 'none' returns per-row tensors of shape x0.shape[:-1]. `t`/`noise`
-        override the draws (tests, antithetic sampling, fixed couplings); pass them by keyword.
-        """
-        if reduction not in ("mean", "none"):
-            raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        x0 = as_working(x0)
-        rows = x0.shape[:-1]
-        if t is None:
-            check_generator(generator, x0.device)
-            t = torch.randint(0, self.num_timesteps, rows, device=x0.device, generator=generator)
-        if noise is None:
-            check_generator(generator, x0.device)
-            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def row_losses(
+        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """dict(loss, mse, vb) per row: ε-MSE (mean over channels) + vb_weight·VB (bits, stop-grad on ε),
+        the official GenDD objective (`training_losses` averages them over every row)."""
         x_t = self.q_sample(x0, t, noise)
         output = model_fn(x_t, self.model_timesteps(t))
         pred, v = self.split_output(output, x_t)
         target = noise if self.predict == "epsilon" else x0
         mse = ((target - pred) ** 2).mean(-1)
-        if v is not None:
-            # Stop-gradient on the prediction channels: the VB term only trains the variance.
-            frozen = torch.cat([pred.detach(), v], dim=-1)
-            vb = self.vb_terms_bpd(frozen, x0, x_t, t)
-            loss = mse + self.vb_weight * vb
-        else:
-            vb = torch.zeros_like(mse)
-            loss = mse
-        out = {"loss": loss, "mse": mse, "vb": vb}
-        if reduction == "mean":
-            out = {key: value.mean() for key, value in out.items()}
-        return out
+        if v is None:
+            return {"loss": mse, "mse": mse, "vb": torch.zeros_like(mse)}
+        # Stop-gradient on the prediction channels: the VB term only trains the variance.
+        vb = self.vb_terms_bpd(torch.cat([pred.detach(), v], dim=-1), x0, x_t, t)
+        return {"loss": mse + self.vb_weight * vb, "mse": mse, "vb": vb}
 
     def __repr__(self) -> str:
         respaced = (
@@ -336,18 +313,4 @@ class GaussianDiffusion:
         return (
             f"GaussianDiffusion(T={self.original_num_timesteps}{respaced}, schedule={self.schedule!r}, "
             f"learn_sigma={self.learn_sigma}, predict={self.predict!r}, decoder_nll={self.decoder_nll!r})"
-        )
-
-
-def as_working(x: torch.Tensor) -> torch.Tensor:
-    """Diffusion arithmetic in the input's dtype, but never below float32 (bf16 inputs are upcast)."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
-    """A generator must live on the device it draws for (torch refuses otherwise, with a vaguer message)."""
-    if generator is not None and generator.device.type != torch.device(device).type:
-        raise ConfigError(
-            f"the torch.Generator is on {generator.device} but the tensors are on {device}; "
-            f"create it with torch.Generator(device={str(device)!r})"
         )

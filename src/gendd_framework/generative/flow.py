@@ -21,19 +21,19 @@ t = ½ + asinh((2u − 1)·sinh(a/2)) / a. It puts weight on both ends, where on
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.generative.diffusion import ModelFn, as_working, check_generator
-from gendd_framework.generative.protocol import guided_model_output, initial_state, require_kind
+from gendd_framework.generative.protocol import GuidedFn, ModelFn, Objective, Sampler
 from gendd_framework.registry import OBJECTIVES, SAMPLERS
 
 TIME_SAMPLINGS = ("uniform", "logit_normal", "u_shaped")
 FLOW_LOSSES = ("mse", "pseudo_huber")
 HUBER_C_PER_SQRT_DIM = 0.00054  # c = 0.00054·sqrt(d) (Song & Dhariwal 2023, kept by Lee et al. 2024)
+VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]  # (x, flow time) -> guided velocity
 
 
 def u_shaped_density(t: torch.Tensor, a: float = 4.0) -> torch.Tensor:
@@ -47,7 +47,7 @@ def u_shaped_icdf(u: torch.Tensor, a: float = 4.0) -> torch.Tensor:
 
 
 @OBJECTIVES.register("flow_matching", aliases=["flow"])
-class FlowMatching:
+class FlowMatching(Objective):
     """Flow-matching / rectified-flow objective: regress the velocity ε − x0 on the linear path.
 
     Args:
@@ -101,6 +101,11 @@ class FlowMatching:
         u = torch.rand(tuple(shape), generator=generator, device=device, dtype=dtype)
         return u if self.time_sampling == "uniform" else u_shaped_icdf(u, self.u_shape_a)
 
+    def draw_time(
+        self, rows: torch.Size, generator: torch.Generator | None, x0: torch.Tensor
+    ) -> torch.Tensor:
+        return self.sample_time(rows, generator, x0.device, x0.dtype)
+
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """What the head embeds for flow time t."""
         return t * self.time_scale
@@ -122,36 +127,10 @@ class FlowMatching:
     def huber_constant(self, k: int) -> float:
         return self.huber_c if self.huber_c is not None else HUBER_C_PER_SQRT_DIM * math.sqrt(k)
 
-    def training_losses(
-        self,
-        model_fn: ModelFn,
-        x0: torch.Tensor,
-        generator: torch.Generator | None = None,
-        *,
-        t: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-        reduction: str = "mean",
+    def row_losses(
+        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """dict(loss, mse[, pseudo_huber]): velocity regression at one t and one ε per row.
-
-        `t` (broadcastable to x0.shape[:-1]) and `noise` (x0's shape) override the draws; a given
-        `noise` fixes the (noise, x0) coupling, as reflow needs. `reduction='none'` keeps rows.
-        """
-        if reduction not in ("mean", "none"):
-            raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-        x0 = as_working(x0)
-        rows = x0.shape[:-1]
-        if t is None:
-            check_generator(generator, x0.device)
-            t = self.sample_time(rows, generator, x0.device, x0.dtype)
-        else:
-            t = torch.as_tensor(t, device=x0.device, dtype=x0.dtype).expand(rows)
-        if noise is None:
-            check_generator(generator, x0.device)
-            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        elif noise.shape != x0.shape:
-            raise ConfigError(f"noise has shape {tuple(noise.shape)}, expected x0's {tuple(x0.shape)}")
-        noise = noise.to(device=x0.device, dtype=x0.dtype)
+        """dict(loss, mse[, pseudo_huber]) per row: the velocity regression at the rows' t and ε."""
         x_t = self.interpolate(x0, noise, t)
         err = self.velocity(model_fn(x_t, self.model_time(t)), x_t) - (noise - x0)
         out = {"mse": err.pow(2).mean(-1)}
@@ -161,8 +140,6 @@ class FlowMatching:
             out["loss"] = out["pseudo_huber"]
         else:
             out["loss"] = out["mse"]
-        if reduction == "mean":
-            out = {key: value.mean() for key, value in out.items()}
         return out
 
     def __repr__(self) -> str:
@@ -172,8 +149,8 @@ class FlowMatching:
         )
 
 
-class _FlowSampler:
-    """Shared plumbing of the ODE samplers: uniform grid 1 → 0, guided velocity, initial noise."""
+class _FlowSampler(Sampler):
+    """Shared plumbing of the ODE samplers: a uniform grid 1 → 0 and one `step` per interval."""
 
     objectives: tuple[str, ...] = ("flow",)
 
@@ -186,45 +163,23 @@ class _FlowSampler:
         """t_0 = 1 > t_1 > … > t_N = 0, uniform (t_N exactly 0)."""
         return [1.0 - i / self.steps for i in range(self.steps)] + [0.0]
 
-    @torch.no_grad()
-    def sample(
-        self,
-        objective: FlowMatching,
-        model_fn: ModelFn,
-        shape: Sequence[int],
-        *,
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        noise: torch.Tensor | None = None,
+    def integrate(
+        self, objective: FlowMatching, model: GuidedFn, x: torch.Tensor, generator: torch.Generator | None
     ) -> torch.Tensor:
-        """Integrate from x(1) = noise (given, or drawn from `generator`) to x(0); returns x(0)."""
-        require_kind(self, objective)
-        x, out_dtype = initial_state(shape, generator, device, dtype, noise, model_fn, guidance_scale)
+        """x(1) = x integrated to x(0) along the grid."""
+
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            """Guided v̂(x, t): one model call, t as a (1, …, 1) tensor the head embeds once."""
+            tt = torch.full((1,) * (x.dim() - 1), t, dtype=x.dtype, device=x.device)
+            return objective.velocity(model(x, objective.model_time(tt)), x)
+
         ts = self.grid()
-        for i in range(self.steps):
-            x = self.step(objective, model_fn, x, ts[i], ts[i + 1], guidance_scale)
-        return x.to(out_dtype)
+        for t, t_next in zip(ts[:-1], ts[1:]):
+            x = self.step(velocity, x, t, t_next)
+        return x
 
-    def velocity(
-        self, objective: FlowMatching, model_fn: ModelFn, x: torch.Tensor, t: float, guidance_scale: float
-    ) -> torch.Tensor:
-        """Guided v̂(x, t): one model_fn call, t as a (1, …, 1) tensor the head embeds once."""
-        tt = torch.full((1,) * (x.dim() - 1), t, dtype=x.dtype, device=x.device)
-        return objective.velocity(
-            guided_model_output(model_fn, x, objective.model_time(tt), guidance_scale), x
-        )
-
-    def step(
-        self,
-        objective: FlowMatching,
-        model_fn: ModelFn,
-        x: torch.Tensor,
-        t: float,
-        t_next: float,
-        guidance_scale: float,
-    ) -> torch.Tensor:
+    def step(self, velocity: VelocityFn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+        """x(t_next) from x(t), with `velocity(x, t)` the guided v̂ (one model call each)."""
         raise NotImplementedError
 
     def nfe(self, objective: Any = None) -> int:
@@ -239,16 +194,8 @@ class EulerSampler(_FlowSampler):
     def __init__(self, steps: int = 4) -> None:
         super().__init__(steps)
 
-    def step(
-        self,
-        objective: FlowMatching,
-        model_fn: ModelFn,
-        x: torch.Tensor,
-        t: float,
-        t_next: float,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        return x + (t_next - t) * self.velocity(objective, model_fn, x, t, guidance_scale)
+    def step(self, velocity: VelocityFn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
+        return x + (t_next - t) * velocity(x, t)
 
     def nfe(self, objective: Any = None) -> int:
         """Model calls per sample: one per step."""
@@ -275,22 +222,13 @@ class HeunSampler(_FlowSampler):
         super().__init__(steps)
         self.final_corrector = bool(final_corrector)
 
-    def step(
-        self,
-        objective: FlowMatching,
-        model_fn: ModelFn,
-        x: torch.Tensor,
-        t: float,
-        t_next: float,
-        guidance_scale: float,
-    ) -> torch.Tensor:
+    def step(self, velocity: VelocityFn, x: torch.Tensor, t: float, t_next: float) -> torch.Tensor:
         h = t_next - t
-        d = self.velocity(objective, model_fn, x, t, guidance_scale)
+        d = velocity(x, t)
         predicted = x + h * d
         if t_next == 0.0 and not self.final_corrector:
             return predicted
-        d_next = self.velocity(objective, model_fn, predicted, t_next, guidance_scale)
-        return x + h * 0.5 * (d + d_next)
+        return x + h * 0.5 * (d + velocity(predicted, t_next))
 
     def nfe(self, objective: Any = None) -> int:
         """Model calls per sample: two per step, one on the last step unless final_corrector."""

@@ -46,29 +46,77 @@ from typing import Any, Protocol
 import torch
 
 from gendd_framework.errors import ConfigError
-from gendd_framework.generative.diffusion import as_working, check_generator
 from gendd_framework.registry import SAMPLERS
 
 ModelFn = Callable[..., Any]
+GuidedFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t) -> guided model output
 OBJECTIVE_KINDS = ("diffusion", "flow")
+REDUCTIONS = ("mean", "none")
 
 
 class Objective(Protocol):
-    """Structural type of a generative training objective (see the module docstring)."""
+    """Structural type of a generative training objective (see the module docstring).
+
+    The built-in objectives subclass it for its `training_losses`: one time and one noise per row of
+    x0 (drawn from `generator` unless given), the objective's per-row terms (`row_losses`), then the
+    batch mean (`reduction='mean'`) or the rows themselves (`'none'`)."""
 
     kind: str
     learn_sigma: bool
+    discrete_time: bool = False  # training times are integer indices (diffusion) or floats (flow)
 
     def training_losses(
-        self, model_fn: ModelFn, x0: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]: ...
+        self,
+        model_fn: ModelFn,
+        x0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> dict[str, torch.Tensor]:
+        """dict(loss, <term>...): `t` (broadcastable to x0.shape[:-1]) and `noise` (x0's shape) override
+        the draws, so a given `noise` fixes the (noise, x0) coupling (reflow); pass both by keyword."""
+        if reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        x0 = as_working(x0)
+        rows = x0.shape[:-1]
+        if t is None:
+            check_generator(generator, x0.device)
+            t = self.draw_time(rows, generator, x0)
+        else:
+            t = torch.as_tensor(t, device=x0.device, dtype=torch.long if self.discrete_time else x0.dtype)
+            t = t.expand(rows)
+        if noise is None:
+            check_generator(generator, x0.device)
+            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        elif noise.shape != x0.shape:
+            raise ConfigError(f"noise has shape {tuple(noise.shape)}, expected x0's {tuple(x0.shape)}")
+        out = self.row_losses(model_fn, x0, t, noise.to(device=x0.device, dtype=x0.dtype))
+        return {key: value.mean() for key, value in out.items()} if reduction == "mean" else out
+
+    def draw_time(
+        self, rows: torch.Size, generator: torch.Generator | None, x0: torch.Tensor
+    ) -> torch.Tensor:
+        """Training times of shape `rows`, one per row, from the objective's own distribution."""
+        raise NotImplementedError
+
+    def row_losses(
+        self, model_fn: ModelFn, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per-row terms (shape x0.shape[:-1]), `loss` among them, for the given times and noise."""
+        raise NotImplementedError
 
 
 class Sampler(Protocol):
-    """Structural type of a sampler (see the module docstring)."""
+    """Structural type of a sampler (see the module docstring).
+
+    The built-in samplers subclass it for its `sample`: the checks, the start state (given noise or
+    a draw, in working precision), `integrate` with the guided model output, and the output dtype."""
 
     objectives: tuple[str, ...]
 
+    @torch.no_grad()
     def sample(
         self,
         objective: Objective,
@@ -80,7 +128,21 @@ class Sampler(Protocol):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         noise: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Samples of `shape` (…, k); `noise` fixes the start state (x_T, or x at flow time 1)."""
+        require_kind(self, objective)
+        x, out_dtype = initial_state(shape, generator, device, dtype, noise, model_fn, guidance_scale)
+
+        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return guided_model_output(model_fn, x, t, guidance_scale)
+
+        return self.integrate(objective, guided, x, generator).to(out_dtype)
+
+    def integrate(
+        self, objective: Any, model: GuidedFn, x: torch.Tensor, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """Carry the start state `x` to a sample; `model(x, t)` is the guided output at head time t."""
+        raise NotImplementedError
 
     def nfe(self, objective: Objective) -> int: ...
 
@@ -185,6 +247,20 @@ def accepts_guided(model_fn: ModelFn) -> bool:
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def as_working(x: torch.Tensor) -> torch.Tensor:
+    """Generative arithmetic in the input's dtype, but never below float32 (bf16 inputs are upcast)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    """A generator must live on the device it draws for (torch refuses otherwise, with a vaguer message)."""
+    if generator is not None and generator.device.type != torch.device(device).type:
+        raise ConfigError(
+            f"the torch.Generator is on {generator.device} but the tensors are on {device}; "
+            f"create it with torch.Generator(device={str(device)!r})"
+        )
 
 
 def _parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:

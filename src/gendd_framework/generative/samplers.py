@@ -21,24 +21,27 @@ use the samplers of generative/flow.py.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.generative import flow  # noqa: F401  (registers the flow objective and samplers)
-from gendd_framework.generative.diffusion import GaussianDiffusion, ModelFn
-from gendd_framework.generative.protocol import guided_model_output, initial_state, require_kind
+from gendd_framework.generative.diffusion import GaussianDiffusion
+from gendd_framework.generative.protocol import GuidedFn, Sampler, guided_model_output, require_kind
 from gendd_framework.registry import SAMPLERS
 
 __all__ = ["DDIMSampler", "DDPMSampler", "guided_model_output"]
 
 
-class _Sampler:
-    """Shared plumbing: respacing cache, device/dtype/generator resolution, initial noise."""
+class _Sampler(Sampler):
+    """Shared plumbing: the respaced chain (cached) walked from x_T to x_0, one model call per step.
+
+    Each step turns the model output into p(x_{t−1} | x_t) and asks the sampler for its transition
+    (mean, std); x_{t−1} = mean + std·(temperature·z), with no noise at the last step or when std is None.
+    """
 
     objectives: tuple[str, ...] = ("diffusion",)
     steps: int | str
+    temperature: float = 1.0  # multiplies the injected noise (not the initial noise)
 
     def __init__(self) -> None:
         self._respaced: tuple[GaussianDiffusion, int | str, GaussianDiffusion] | None = None
@@ -51,50 +54,36 @@ class _Sampler:
             self._respaced = cached
         return cached[2]
 
-    @torch.no_grad()
-    def sample(
+    def integrate(
         self,
         diffusion: GaussianDiffusion,
-        model_fn: ModelFn,
-        shape: Sequence[int],
-        *,
-        guidance_scale: float = 1.0,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        noise: torch.Tensor | None = None,
+        model: GuidedFn,
+        x: torch.Tensor,
+        generator: torch.Generator | None,
     ) -> torch.Tensor:
-        """Draw x0 of `shape` (…, k) from the model; `noise` optionally fixes the initial x_T."""
-        require_kind(self, diffusion)
+        """x = x_T walked down the respaced chain to x_0."""
         chain = self.respaced(diffusion)
-        x, out_dtype = initial_state(shape, generator, device, dtype, noise, model_fn, guidance_scale)
         for i in reversed(range(chain.num_timesteps)):
-            t = self._timestep(i, x)
-            output = guided_model_output(model_fn, x, chain.model_timesteps(t), guidance_scale)
-            x = self._update(chain, chain.p_mean_variance(output, x, t), x, t, i, generator)
-        return x.to(out_dtype)
+            t = torch.full((1,) * (x.dim() - 1), i, dtype=torch.long, device=x.device)  # broadcasts on rows
+            step = chain.p_mean_variance(model(x, chain.model_timesteps(t)), x, t)
+            mean, std = self.transition(chain, step, t)
+            if i == 0 or std is None:
+                x = mean
+            else:
+                eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                x = mean + std * (self.temperature * eps)
+        return x
 
     def nfe(self, diffusion: GaussianDiffusion) -> int:
         """Model calls per sample: one per step of the respaced chain (guided calls are one batch)."""
         require_kind(self, diffusion)
         return self.respaced(diffusion).num_timesteps
 
-    def _update(
-        self,
-        chain: GaussianDiffusion,
-        step: dict,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        i: int,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        """x_{t-1} from the model's step statistics (sampler-specific)."""
+    def transition(
+        self, chain: GaussianDiffusion, step: dict[str, torch.Tensor], t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, std) of x_{t−1} given the model's step statistics (sampler-specific)."""
         raise NotImplementedError
-
-    @staticmethod
-    def _timestep(i: int, x: torch.Tensor) -> torch.Tensor:
-        """Chain index i as a (1, …, 1) tensor that broadcasts against x.shape[:-1]."""
-        return torch.full((1,) * (x.dim() - 1), i, dtype=torch.long, device=x.device)
 
 
 @SAMPLERS.register("ddpm")
@@ -113,19 +102,10 @@ class DDPMSampler(_Sampler):
         self.steps = steps
         self.temperature = float(temperature)
 
-    def _update(
-        self,
-        chain: GaussianDiffusion,
-        step: dict,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        i: int,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
-        if i == 0:
-            return step["mean"]
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return step["mean"] + torch.exp(0.5 * step["log_variance"]) * (self.temperature * eps)
+    def transition(
+        self, chain: GaussianDiffusion, step: dict[str, torch.Tensor], t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return step["mean"], torch.exp(0.5 * step["log_variance"])
 
 
 @SAMPLERS.register("ddim")
@@ -144,20 +124,11 @@ class DDIMSampler(_Sampler):
         self.steps = steps
         self.eta = float(eta)
 
-    def _update(
-        self,
-        chain: GaussianDiffusion,
-        step: dict,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        i: int,
-        generator: torch.Generator | None,
-    ) -> torch.Tensor:
+    def transition(
+        self, chain: GaussianDiffusion, step: dict[str, torch.Tensor], t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         ac = chain.coef("alphas_cumprod", t, step["eps"])
         ac_prev = chain.coef("alphas_cumprod_prev", t, step["eps"])
         sigma = self.eta * torch.sqrt((1.0 - ac_prev) / (1.0 - ac)) * torch.sqrt(1.0 - ac / ac_prev)
         mean = step["pred_xstart"] * torch.sqrt(ac_prev) + torch.sqrt(1.0 - ac_prev - sigma**2) * step["eps"]
-        if i > 0 and self.eta > 0:
-            eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            mean = mean + sigma * eps
-        return mean
+        return mean, (sigma if self.eta > 0 else None)

@@ -34,14 +34,14 @@ def _binary_and_nontarget_logprobs(
     return log_p_y, log_not_y, log_p_hat
 
 
-def dkd_terms_per_sample(
+def dkd_terms(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     target: torch.Tensor,
     temperature: float,
     standardize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(TCKD, NCKD) per sample, shape (B,) each, already × T².
+    """(TCKD, NCKD), each × T² and averaged over the batch (sum / B).
 
     NCKD uses the target-removed softmax, so for C=2 (a single non-target class) it is exactly 0.
     """
@@ -51,30 +51,19 @@ def dkd_terms_per_sample(
     tckd = t_y.exp() * (t_y - s_y) + t_not.exp() * (t_not - s_not)
     nckd = (t_hat.exp() * (t_hat - s_hat)).sum(dim=1)
     scale = temperature**2
-    return tckd * scale, nckd * scale
-
-
-def dkd_terms(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    target: torch.Tensor,
-    temperature: float,
-    standardize: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(TCKD, NCKD), each × T² and averaged over the batch (sum / B)."""
-    tckd, nckd = dkd_terms_per_sample(student_logits, teacher_logits, target, temperature, standardize)
-    return tckd.mean(), nckd.mean()
+    return (tckd * scale).mean(), (nckd * scale).mean()
 
 
 def dkd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     target: torch.Tensor,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
+    *,
+    alpha: float,
+    beta: float,
+    temperature: float,
     standardize: bool = False,
-) -> torch.Tensor:
-    """α·TCKD + β·NCKD (both × T², batch-averaged)."""
+) -> dict[str, torch.Tensor]:
+    """dict(loss = α·TCKD + β·NCKD, tckd, nckd), both parts × T² and batch-averaged (the `dkd` term)."""
     tckd, nckd = dkd_terms(student_logits, teacher_logits, target, temperature, standardize)
-    return alpha * tckd + beta * nckd
+    return {"loss": alpha * tckd + beta * nckd, "tckd": tckd, "nckd": nckd}

@@ -73,15 +73,19 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor
 def rkd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
-    distance_weight: float = 25.0,
-    angle_weight: float = 50.0,
+    distance_weight: float,
+    angle_weight: float,
     eps: float = 1e-12,
-) -> torch.Tensor:
-    """w_D·L_D + w_A·L_A; a term with weight 0 is not computed (the angle term costs B²·D memory)."""
+) -> dict[str, torch.Tensor]:
+    """dict(loss = w_D·L_D + w_A·L_A, distance = L_D, angle = L_A) (the `rkd` term); a part with weight
+    0 is neither computed (the angle term costs B²·D memory) nor returned."""
     _check(student, teacher)
-    total = student.sum() * 0.0
+    parts = {}
+    loss = student.new_zeros(())
     if distance_weight:
-        total = total + distance_weight * rkd_distance_loss(student, teacher, eps)
+        parts["distance"] = rkd_distance_loss(student, teacher, eps)
+        loss = loss + distance_weight * parts["distance"]
     if angle_weight:
-        total = total + angle_weight * rkd_angle_loss(student, teacher)
-    return total
+        parts["angle"] = rkd_angle_loss(student, teacher)
+        loss = loss + angle_weight * parts["angle"]
+    return {"loss": loss, **parts}

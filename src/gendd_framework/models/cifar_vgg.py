@@ -39,6 +39,12 @@ def _stage(cin: int, channels: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@torch.fx.wrap  # one call in a torch.fx trace (the hint stage cuts models with it): decided at run time
+def pool_at_input_size(pool: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    """`pool(x)` when x is `size` pixels high, else x unchanged (the official forward's size test)."""
+    return pool(x) if x.shape[2] == size else x
+
+
 class CifarVGG(nn.Module):
     """Five stages (max-pools between them, see the module docstring for the fourth), global average
     pool, one linear `classifier`."""
@@ -63,10 +69,8 @@ class CifarVGG(nn.Module):
         init_conv_bn(self, linear_std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep_last_pool = x.shape[2] == self.LAST_POOL_INPUT
         for i, module in enumerate(self.features):
-            if i != self.LAST_POOL or keep_last_pool:
-                x = module(x)
+            x = pool_at_input_size(module, x, self.LAST_POOL_INPUT) if i == self.LAST_POOL else module(x)
         return self.classifier(torch.flatten(self.pool(x), 1))
 
     def stage_taps(self, preact: bool = False) -> list[str]:

@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 from gendd_framework.errors import ConfigError
-
-COMBINE = ("probs", "logits")
+from gendd_framework.schema import COMBINE, DEFAULT_COMBINE
 
 
 class EnsembleTeacher(nn.Module):
@@ -23,7 +22,7 @@ class EnsembleTeacher(nn.Module):
 
     has_single_classifier = False
 
-    def __init__(self, members: Sequence[nn.Module], combine: str = "probs") -> None:
+    def __init__(self, members: Sequence[nn.Module], combine: str = DEFAULT_COMBINE) -> None:
         super().__init__()
         if combine not in COMBINE:
             raise ConfigError(f"teacher.combine must be one of {COMBINE}, got '{combine}'")

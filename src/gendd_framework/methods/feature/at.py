@@ -16,9 +16,9 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.attention import AT_MODES, at_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec
-from gendd_framework.methods.feature.paired_terms import PairedLayerTerm, ce_kd_feature_terms
+from gendd_framework.methods.feature.paired_terms import CE_KD_DEFAULTS, PairedLayerTerm, with_ce_and_kd
 from gendd_framework.methods.feature.projectors import match_spatial
 from gendd_framework.registry import LOSSES, METHODS
 
@@ -91,33 +91,10 @@ class AttentionTransfer(PairedLayerTerm):
 
 
 @METHODS.register("at")
-def at(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    at_weight: float = 1000.0,
-    p: float = 2.0,
-    mode: str = "code",
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    kd_weight: float = 0.0,
-    temperature: float = 4.0,
-):
+class ATMethod(ComposedMethod):
     """CE + β·Σ AT (CIFAR-100 defaults: β = 1000, p = 2, every stage, CE 1, KD off)."""
-    term = {
-        "name": "at",
-        "weight": at_weight,
-        "p": p,
-        "mode": mode,
-        "student_layers": student_layers,
-        "teacher_layers": teacher_layers,
-    }
-    return WeightedLossMethod(
-        student,
-        teacher,
-        ce_kd_feature_terms(ce_weight, kd_weight, temperature, term),
-        input_shape=input_shape,
-        num_samples=num_samples,
+
+    uses = with_ce_and_kd(
+        Use("at", weight="at_weight", args=("p", "mode", "student_layers", "teacher_layers"))
     )
+    defaults = {**CE_KD_DEFAULTS, "at_weight": 1000.0}

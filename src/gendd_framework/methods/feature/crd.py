@@ -33,9 +33,10 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from gendd_framework.context import UNLABELLED, to_device
 from gendd_framework.data.base import BatchDataset, TensorImages
+from gendd_framework.engine import distributed
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.crd import contrast_scores, momentum_update_, nce_loss, normalisation_constant
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.projectors import LinearEmbed, flat_dim
 from gendd_framework.methods.terms import LossTerm, require_shapes
 from gendd_framework.registry import LOSSES, METHODS
@@ -89,25 +90,6 @@ def training_classes(stats: Any) -> torch.Tensor:
     classes = labels.clone()
     classes[hidden] = stats.cached("crd_hidden_classes", {"n": len(labels), "hidden": len(hidden)}, compute)
     return classes
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def gather_ranks(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """Concatenate each tensor over every rank (rank order), or return them unchanged in one process.
-    Every rank's shard of a step has the same size (DistributedSampler), as `all_gather` needs."""
-    world = world_size()
-    if world == 1:
-        return list(tensors)
-    out = []
-    for t in tensors:
-        parts = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(parts, t.detach().contiguous())
-        out.append(torch.cat(parts))
-    return out
 
 
 def embed(head: LinearEmbed, feature: torch.Tensor) -> torch.Tensor:
@@ -263,15 +245,16 @@ class CRDTerm(LossTerm):
         with torch.no_grad():  # Z from the first batch, then fixed (no host sync to test "unset")
             n = self.num_samples
             estimate = torch.stack([normalisation_constant(scores_s, n), normalisation_constant(scores_t, n)])
-            if world_size() > 1:  # the first global batch: every rank's shard, so all ranks agree
+            world = distributed.info().world_size
+            if world > 1:  # the first global batch: every rank's shard, so all ranks agree
                 dist.all_reduce(estimate)
-                estimate /= world_size()
+                estimate /= world
             self.z.copy_(torch.where(self.z > 0, self.z, estimate))
         z = self.z.clone()
         loss_s = nce_loss(scores_s / z[0], self.num_samples, self.eps)
         loss_t = nce_loss(scores_t / z[1], self.num_samples, self.eps)
         # every rank writes the whole global batch, so the banks stay identical across ranks
-        index, v_s, v_t = gather_ranks(index, v_s, v_t)
+        index, v_s, v_t = (distributed.all_gather_cat(t) for t in (index, v_s, v_t))
         momentum_update_(self.memory_student, index, v_s, self.nce_m)
         momentum_update_(self.memory_teacher, index, v_t, self.nce_m)
         return {"loss": loss_s + loss_t, "student_anchor": loss_s.detach(), "teacher_anchor": loss_t.detach()}
@@ -284,37 +267,13 @@ class CRDTerm(LossTerm):
 
 
 @METHODS.register("crd")
-def crd(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    crd_weight: float = 0.8,
-    kd_weight: float = 0.0,
-    kd_temperature: float = 4.0,
-    feat_dim: int = 128,
-    nce_k: int = 16384,
-    nce_t: float = 0.07,
-    nce_m: float = 0.5,
-    mode: str = "exact",
-    negatives: str = "other_class",
-):
+class CRDMethod(ComposedMethod):
     """CE + β·CRD (RepDistiller `-r 1 -a 0 -b 0.8`); `kd_weight: 1` adds Hinton KD at `kd_temperature`
     (the published CRD+KD)."""
-    terms: list[dict[str, Any]] = [{"name": "ce", "weight": ce_weight}]
-    if kd_weight:
-        terms.append({"name": "kd_kl", "weight": kd_weight, "temperature": kd_temperature})
-    terms.append(
-        {
-            "name": "crd",
-            "weight": crd_weight,
-            "feat_dim": feat_dim,
-            "nce_k": nce_k,
-            "nce_t": nce_t,
-            "nce_m": nce_m,
-            "mode": mode,
-            "negatives": negatives,
-        }
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use("kd_kl", weight="kd_weight", when="kd_weight", args={"temperature": "kd_temperature"}),
+        Use("crd", weight="crd_weight", args=("feat_dim", "nce_k", "nce_t", "nce_m", "mode", "negatives")),
     )
-    return WeightedLossMethod(student, teacher, terms, input_shape=input_shape, num_samples=num_samples)
+    defaults = {"ce_weight": 1.0, "crd_weight": 0.8, "kd_weight": 0.0}

@@ -20,12 +20,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
-from torch import nn
+from timm.layers import get_notrace_functions, get_notrace_modules
+from torch import fx, nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.fitnet import hint_mse
 from gendd_framework.methods.base import Method, split_decay
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec, resolve_layers
 from gendd_framework.methods.feature.projectors import ConvRegressor
 from gendd_framework.methods.terms import LossTerm, require_shapes
@@ -94,34 +95,14 @@ class FitNetHint(LossTerm):
 
 
 @METHODS.register("fitnet")
-def fitnet(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    feature_weight: float = 100.0,
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    regressor: str = "conv",
-):
+class FitNetMethod(ComposedMethod):
     """CE + β·MSE(r(s), t) on one hint layer per side (CIFAR-100 defaults: β=100, the second stage)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "fitnet",
-                "weight": feature_weight,
-                "student_layers": student_layers,
-                "teacher_layers": teacher_layers,
-                "regressor": regressor,
-            },
-        ],
-        input_shape=input_shape,
-        num_samples=num_samples,
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use("fitnet", weight="feature_weight", args=("student_layers", "teacher_layers", "regressor")),
     )
+    defaults = {"ce_weight": 1.0, "feature_weight": 100.0}
 
 
 @contextlib.contextmanager
@@ -135,48 +116,59 @@ def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
         module.train(was_training)
 
 
-class _GuidedLayerReached(Exception):
-    """Raised by a temporary hook to end a forward at the guided layer: nothing after it is run."""
+class _CutTracer(fx.Tracer):
+    """torch.fx tracer that keeps the module at `path` as one call, and timm's layers and helpers that
+    torch.fx cannot trace through (its own notrace lists) as leaves."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(autowrap_functions=tuple(get_notrace_functions()))
+        self.path, self.leaves = path, tuple(get_notrace_modules())
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return (
+            module_qualified_name == self.path
+            or isinstance(m, self.leaves)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
-def forward_until(model: nn.Module, tap: str, x: torch.Tensor) -> torch.Tensor:
-    """The output (or `:input`) of the module `tap` names, stopping the forward right there.
+def cut_at(model: nn.Module, tap: str) -> fx.GraphModule:
+    """`model`'s forward up to the module `tap` names, returning its output (or, `path:input`, its input).
 
-    Layers after it never run, so they get no gradient and, in train mode, their BN statistics do not
-    move. The hook lives for this call only: the model is handed to later stages untouched."""
+    The forward is traced once with torch.fx and every operation after that call is dropped, so the
+    layers after it never run: they get no gradient and, in train mode, their BN statistics do not
+    move. The result shares the model's modules and parameters and adds no hooks, so the model is
+    handed to later stages untouched; it is traced from the Python forward, so a model compiled in
+    place (`trainer.speed.compile`) is cut alike. Control flow on `self.training` is fixed at trace
+    time: trace again after switching train/eval mode."""
     _key, path, io = parse_tap(tap)
-    module = dict(model.named_modules()).get(path) if path else None
-    if module is None or path in SPECIAL_TAPS:
+    if not path or path in SPECIAL_TAPS or path not in dict(model.named_modules()):
         raise ConfigError(unknown_path_message(model, path))
-    seen: dict[str, torch.Tensor] = {}
-
-    def stop(_module, inputs, output=None):
-        seen["value"] = inputs[0] if io == "input" else output
-        raise _GuidedLayerReached
-
-    if io == "input":
-        handle = module.register_forward_pre_hook(stop)
-    else:
-        handle = module.register_forward_hook(stop)
-    # a model compiled in place (`trainer.speed.compile`) would run its traced graph, which neither
-    # sees a hook added now nor can stop half-way: call its eager forward (hooks included) instead
-    call = model._call_impl if getattr(model, "_compiled_call_impl", None) is not None else model
     try:
-        call(x)
-    except _GuidedLayerReached:
-        pass
-    finally:
-        handle.remove()
-    if "value" not in seen:
+        graph = _CutTracer(path).trace(model)
+    except Exception as exc:  # noqa: BLE001 - any tracing failure is the same config problem
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(
+            f"the hint stage cuts {type(model).__name__} at '{tap}' with torch.fx, which cannot trace its "
+            f"forward ({reason}); make the forward traceable or train FitNet in one stage (method=fitnet)"
+        ) from None
+    nodes = list(graph.nodes)
+    calls = [i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == path]
+    if not calls:
         raise ConfigError(f"layer '{tap}' of {type(model).__name__} did not run in its forward")
-    return seen["value"]
+    guided = nodes[calls[0]]
+    output = nodes[-1]
+    output.args = (guided.args[0] if io == "input" else guided,)
+    for node in reversed(nodes[calls[0] + (io == "output") : -1]):  # everything after the cut
+        graph.erase_node(node)
+    return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Cut")
 
 
 class FitNetHintMethod(Method):
     """Stage 1 of FitNets: loss = MSE(r(student guided map), teacher hint map), nothing else.
 
     Only the student's parameters on the path to the guided layer (found by one probe backward at
-    build) and the regressor are optimised; both models stop their forward at the hint layers."""
+    build) and the regressor are optimised; both models run only up to their hint layers (`cut_at`)."""
 
     def __init__(
         self,
@@ -191,27 +183,38 @@ class FitNetHintMethod(Method):
             raise ConfigError("fitnet_hint regresses a teacher's hint map: build it with a teacher")
         term = FitNetHint(student_layers, teacher_layers, regressor)
         term.bind(student, teacher, {"input_shape": input_shape, "num_samples": None})
-        # no hook taps: both forwards stop at the hint layers (`forward_until`), the models stay untouched
+        # no hook taps: both models run cut at their hint layers (`cut_at`), the models stay untouched
         super().__init__(student, teacher, teacher_taps=("logits",), input_shape=input_shape)
         self.term = term
+        self._cuts: dict[tuple[str, bool, torch.device], fx.GraphModule] = {}  # not submodules
         (self.guided,), (self.hint,) = term.student_taps, term.teacher_taps
         if input_shape is None:
             raise ConfigError("fitnet_hint sizes its regressor from a probe: build it with input_shape")
         example = torch.zeros(2, *input_shape, device=self._device())
         with torch.no_grad(), eval_mode(student):
             shapes = {
-                "student": {self.guided: tuple(forward_until(student, self.guided, example).shape[1:])},
-                "teacher": {self.hint: tuple(forward_until(teacher, self.hint, example).shape[1:])},
+                "student": {self.guided: tuple(self.cut_forward("student", example).shape[1:])},
+                "teacher": {self.hint: tuple(self.cut_forward("teacher", example).shape[1:])},
             }
         term.setup(shapes)
         self.hint_parameter_names = self._hint_path(example)
+        self._cuts.clear()  # training traces afresh, after device moves, sync-BN swaps or compile
+
+    def cut_forward(self, side: str, x: torch.Tensor) -> torch.Tensor:
+        """The `side` ('student' or 'teacher') model's map at its layer, through a cut traced once per
+        (train/eval mode, device) of that model."""
+        model = getattr(self, side).model
+        key = (side, model.training, x.device)
+        if key not in self._cuts:
+            self._cuts[key] = cut_at(model, self.guided if side == "student" else self.hint)
+        return self._cuts[key](x)
 
     def _hint_path(self, example: torch.Tensor) -> list[str]:
         """Names of the trainable student parameters the guided map depends on (one probe backward)."""
         model = self.student.model
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         with torch.enable_grad(), eval_mode(model):
-            out = forward_until(model, self.guided, example)
+            out = self.cut_forward("student", example)
             params = [p for _, p in named]
             tracked = params and out.requires_grad  # else: nothing trainable before the guided layer
             grads = torch.autograd.grad(out.sum(), params, allow_unused=True) if tracked else []
@@ -226,8 +229,8 @@ class FitNetHintMethod(Method):
     def training_step(self, batch: Mapping[str, Any], ctx) -> dict[str, torch.Tensor]:
         x = batch["input"]
         with torch.no_grad():
-            hint = forward_until(self.teacher.model, self.hint, x)
-        guided = forward_until(self.student.model, self.guided, x)
+            hint = self.cut_forward("teacher", x)
+        guided = self.cut_forward("student", x)
         loss = self.term({self.guided: guided}, {self.hint: hint}, batch, ctx)
         return {"loss": loss, "hint": loss.detach()}
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.nd import centre_directions, nd_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.terms import LossTerm, require_shapes
 from gendd_framework.registry import LOSSES, METHODS
 
@@ -107,31 +107,17 @@ class NormDirectionLoss(LossTerm):
 
 
 @METHODS.register("nd")
-def nd(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    ce_weight: float = 1.0,
-    kd_weight: float = 3.5,
-    temperature: float = 4.0,
-    warmup_epochs: float = 20.0,
-    nd_weight: float = 2.0,
-    dropout: float = 0.5,
-    eps: float = 1e-8,
-):
+class NDMethod(ComposedMethod):
     """KD++: CE + w_kd·min(1, epoch/warmup)·τ²·KL + w_nd·ND (CIFAR-100 R32x4→R8x4: 3.5, 2.0, τ=4, 20)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "kd_kl",
-                "weight": kd_weight,
-                "temperature": temperature,
-                "schedule": {"name": "linear_warmup", "epochs": warmup_epochs},
-            },
-            {"name": "nd", "weight": nd_weight, "dropout": dropout, "eps": eps},
-        ],
-        input_shape=input_shape,
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use(
+            "kd_kl",
+            weight="kd_weight",
+            args=("temperature",),
+            schedule={"name": "linear_warmup", "epochs": "warmup_epochs"},
+        ),
+        Use("nd", weight="nd_weight", args=("dropout", "eps")),
     )
+    defaults = {"ce_weight": 1.0, "kd_weight": 3.5, "warmup_epochs": 20.0, "nd_weight": 2.0}

@@ -24,10 +24,11 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.ofa import ofa_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Pick, Use
 from gendd_framework.methods.feature.layers import LayerSpec, resolve_layers
 from gendd_framework.methods.logit.kd import check_temperature
 from gendd_framework.methods.terms import LossTerm, require_shapes
+from gendd_framework.models.init import init_conv_bn
 from gendd_framework.models.tap import feature_dim
 from gendd_framework.registry import LOSSES, METHODS
 
@@ -161,22 +162,6 @@ class TokenBranch(nn.Module):
         return self.head(x[:, 0] if self.prefix else x.mean(dim=1))
 
 
-def init_branch(module: nn.Module) -> None:
-    """Kaiming-normal (fan-out) convs, unit/zero BN, truncated-normal (std 0.02) Linear weights."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 # -- terms ---------------------------------------------------------------------------------------------
 def _check_eps(eps: float, what: str) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
@@ -274,7 +259,7 @@ class OFABranches(LossTerm):
                 branch = TokenBranch(
                     shape, self.prefix, dim, depth, self.branch_heads, num_classes, self.token_grid, key
                 )
-            init_branch(branch)
+            init_conv_bn(branch, linear_std=0.02, truncated=True)
             branches.append(branch)
         self.branches = nn.ModuleList(branches)
 
@@ -289,47 +274,43 @@ class OFABranches(LossTerm):
 
 
 # -- method --------------------------------------------------------------------------------------------
+def _eps_values(eps: float | Sequence[float]) -> list[float]:
+    values = list(eps) if isinstance(eps, (list, tuple)) else [eps]
+    if not values:
+        raise ConfigError("ofa eps needs at least one value")
+    return values
+
+
+def logits_eps(eps: float | Sequence[float]) -> float:
+    """The method's `eps` for the student's own logits: the one value, or the last of a list."""
+    return _eps_values(eps)[-1]
+
+
+def branch_eps(eps: float | Sequence[float]) -> float | list[float]:
+    """The method's `eps` for the exit branches: the one value, or all but the last of a list."""
+    values = _eps_values(eps)
+    return eps if len(values) == 1 else values[:-1]
+
+
 @METHODS.register("ofa")
-def ofa(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    label_smoothing: float = 0.1,
-    kd_weight: float = 1.0,
-    ofa_weight: float = 1.0,
-    eps: float | list[float] = 1.0,
-    temperature: float = 1.0,
-    student_layers: LayerSpec = "auto",
-    branch_dim: int | None = None,
-    branch_heads: int = 4,
-    token_grid: int = 7,
-):
+class OFAMethod(ComposedMethod):
     """ce_weight·CE(z_s, y) + kd_weight·OFA(z_s) + ofa_weight·Σ_stages OFA(exit_stage); CIFAR-100 defaults
     (ε = 1, τ = 1, unit weights, label smoothing 0.1). `eps` is one ε or one per stage plus a last value
     for the student's logits."""
-    eps_list = list(eps) if isinstance(eps, (list, tuple)) else [eps]
-    if not eps_list:
-        raise ConfigError("ofa eps needs at least one value")
-    branch_eps = eps_list if len(eps_list) == 1 else eps_list[:-1]
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight, "label_smoothing": label_smoothing},
-            {"name": "ofa_logits", "weight": kd_weight, "eps": eps_list[-1], "temperature": temperature},
-            {
-                "name": "ofa",
-                "weight": ofa_weight,
-                "eps": branch_eps,
-                "temperature": temperature,
-                "student_layers": student_layers,
-                "branch_dim": branch_dim,
-                "branch_heads": branch_heads,
-                "token_grid": token_grid,
-            },
-        ],
-        input_shape=input_shape,
-        num_samples=num_samples,
+
+    uses = (
+        Use("ce", weight="ce_weight", args=("label_smoothing",)),
+        Use(
+            "ofa_logits",
+            weight="kd_weight",
+            args={"eps": Pick("eps", logits_eps), "temperature": "temperature"},
+        ),
+        Use(
+            "ofa",
+            weight="ofa_weight",
+            args={"eps": Pick("eps", branch_eps)}
+            | {a: a for a in ("temperature", "student_layers", "branch_dim", "branch_heads", "token_grid")},
+        ),
     )
+    # the official recipe trains with label smoothing 0.1 (the `ce` term's own default is 0)
+    defaults = {"ce_weight": 1.0, "label_smoothing": 0.1, "kd_weight": 1.0, "ofa_weight": 1.0}

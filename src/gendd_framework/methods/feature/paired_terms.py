@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gendd_framework.errors import ConfigError
+from gendd_framework.methods.compose import Use
 from gendd_framework.methods.feature.layers import LayerSpec, pair_layers, resolve_layers
 from gendd_framework.methods.terms import LossTerm, Shapes
 
@@ -100,13 +101,12 @@ class PairedLayerTerm(LossTerm):
         return ", ".join(f"{s} <- {t}" for s, t in getattr(self, "pairs", []))
 
 
-def ce_kd_feature_terms(
-    ce_weight: float, kd_weight: float, temperature: float, feature_term: Mapping[str, Any]
-) -> list[dict[str, Any]]:
-    """[CE, (KD when kd_weight > 0), feature term]: the RepDistiller protocol (`-r` CE, `-a` KD, `-b`
-    the feature term) with KD off by default, as in the published feature-method baselines."""
-    terms: list[dict[str, Any]] = [{"name": "ce", "weight": ce_weight}]
-    if kd_weight:
-        terms.append({"name": "kd_kl", "weight": kd_weight, "temperature": temperature})
-    terms.append(dict(feature_term))
-    return terms
+def with_ce_and_kd(feature: Use) -> tuple[Use, ...]:
+    """CE, KD (only while `kd_weight` > 0) and the feature term: the RepDistiller protocol (`-r` CE, `-a`
+    KD, `-b` the feature term) with KD off by default (`CE_KD_DEFAULTS`), as in the published
+    feature-method baselines."""
+    kd = Use("kd_kl", weight="kd_weight", when="kd_weight", args=("temperature",))
+    return (Use("ce", weight="ce_weight"), kd, feature)
+
+
+CE_KD_DEFAULTS = {"ce_weight": 1.0, "kd_weight": 0.0}

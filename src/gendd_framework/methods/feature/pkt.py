@@ -6,13 +6,11 @@ differ. The maths (ε = 1e-7, mean over B² entries) is in `losses/pkt.py`.
 
 from __future__ import annotations
 
-from torch import nn
-
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.pkt import pkt_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec
-from gendd_framework.methods.feature.paired_terms import PairedLayerTerm, ce_kd_feature_terms
+from gendd_framework.methods.feature.paired_terms import CE_KD_DEFAULTS, PairedLayerTerm, with_ce_and_kd
 from gendd_framework.registry import LOSSES, METHODS
 
 
@@ -36,31 +34,8 @@ class ProbabilisticTransfer(PairedLayerTerm):
 
 
 @METHODS.register("pkt")
-def pkt(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    pkt_weight: float = 30000.0,
-    eps: float = 1e-7,
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    kd_weight: float = 0.0,
-    temperature: float = 4.0,
-):
+class PKTMethod(ComposedMethod):
     """CE + w·PKT (CIFAR-100 defaults: w = 30000 on the pooled feature, ε = 1e-7, CE 1, KD off)."""
-    term = {
-        "name": "pkt",
-        "weight": pkt_weight,
-        "eps": eps,
-        "student_layers": student_layers,
-        "teacher_layers": teacher_layers,
-    }
-    return WeightedLossMethod(
-        student,
-        teacher,
-        ce_kd_feature_terms(ce_weight, kd_weight, temperature, term),
-        input_shape=input_shape,
-        num_samples=num_samples,
-    )
+
+    uses = with_ce_and_kd(Use("pkt", weight="pkt_weight", args=("eps", "student_layers", "teacher_layers")))
+    defaults = {**CE_KD_DEFAULTS, "pkt_weight": 30000.0}

@@ -11,7 +11,7 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.projector_ensemble import projector_ensemble_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.terms import LossTerm, require_shapes
 from gendd_framework.registry import LOSSES, METHODS
 
@@ -55,31 +55,13 @@ class ProjectorEnsemble(LossTerm):
 
 
 @METHODS.register("projector_ensemble")
-def projector_ensemble(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    feature_weight: float = 25.0,
-    kd_weight: float = 0.0,
-    temperature: float = 4.0,
-    num_projectors: int = 3,
-    relu: bool = True,
-    eps: float = 1e-12,
-):
+class ProjectorEnsembleMethod(ComposedMethod):
     """γ·CE + α·KD(τ) + β·(1 − cos) with 3 linear+ReLU projectors (published CIFAR-100 and ImageNet
     settings: γ=1, α=0 so no KD term, β=25)."""
-    terms: list[dict] = [
-        {"name": "ce", "weight": ce_weight},
-        {
-            "name": "projector_ensemble",
-            "weight": feature_weight,
-            "num_projectors": num_projectors,
-            "relu": relu,
-            "eps": eps,
-        },
-    ]
-    if kd_weight:
-        terms.append({"name": "kd_kl", "weight": kd_weight, "temperature": temperature})
-    return WeightedLossMethod(student, teacher, terms, input_shape=input_shape, num_samples=num_samples)
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use("projector_ensemble", weight="feature_weight", args=("num_projectors", "relu", "eps")),
+        Use("kd_kl", weight="kd_weight", when="kd_weight", args=("temperature",)),
+    )
+    defaults = {"ce_weight": 1.0, "feature_weight": 25.0, "kd_weight": 0.0}

@@ -19,7 +19,7 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.review import POOL_SIZES, AttentionFusion, hcl_levels, review_fuse
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec, pair_layers, resolve_layers
 from gendd_framework.methods.terms import LossTerm, require_shapes
 from gendd_framework.registry import LOSSES, METHODS
@@ -122,35 +122,16 @@ class ReviewKDLoss(LossTerm):
 
 
 @METHODS.register("reviewkd")
-def reviewkd(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    ce_weight: float = 1.0,
-    reviewkd_weight: float = 5.0,
-    warmup_epochs: float = 20.0,
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    mid_channels: int | str = "auto",
-    max_mid_channels: int = 512,
-    pool_sizes: Sequence[int] = POOL_SIZES,
-):
+class ReviewKDMethod(ComposedMethod):
     """CE + w·min(1, epoch/warmup)·Σ HCL (CIFAR-100: w = 5 for most pairs, 20 warm-up epochs)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "reviewkd",
-                "weight": reviewkd_weight,
-                "student_layers": student_layers,
-                "teacher_layers": teacher_layers,
-                "mid_channels": mid_channels,
-                "max_mid_channels": max_mid_channels,
-                "pool_sizes": pool_sizes,
-                "schedule": {"name": "linear_warmup", "epochs": warmup_epochs},
-            },
-        ],
-        input_shape=input_shape,
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use(
+            "reviewkd",
+            weight="reviewkd_weight",
+            args=("student_layers", "teacher_layers", "mid_channels", "max_mid_channels", "pool_sizes"),
+            schedule={"name": "linear_warmup", "epochs": "warmup_epochs"},
+        ),
     )
+    defaults = {"ce_weight": 1.0, "reviewkd_weight": 5.0, "warmup_epochs": 20.0}

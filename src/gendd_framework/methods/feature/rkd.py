@@ -6,13 +6,11 @@ Distances and angles are relations inside the batch, so the feature widths may d
 
 from __future__ import annotations
 
-from torch import nn
-
 from gendd_framework.errors import ConfigError
-from gendd_framework.losses.rkd import rkd_angle_loss, rkd_distance_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.losses.rkd import rkd_loss
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec
-from gendd_framework.methods.feature.paired_terms import PairedLayerTerm, ce_kd_feature_terms
+from gendd_framework.methods.feature.paired_terms import CE_KD_DEFAULTS, PairedLayerTerm, with_ce_and_kd
 from gendd_framework.registry import LOSSES, METHODS
 
 
@@ -44,48 +42,19 @@ class RelationalKD(PairedLayerTerm):
         self.eps = float(eps)
 
     def pair_loss(self, student, teacher):
-        out = {}
-        loss = student.new_zeros(())
-        if self.distance_weight:
-            out["distance"] = rkd_distance_loss(student, teacher, self.eps)
-            loss = loss + self.distance_weight * out["distance"]
-        if self.angle_weight:
-            out["angle"] = rkd_angle_loss(student, teacher)
-            loss = loss + self.angle_weight * out["angle"]
-        return {"loss": loss, **out}
+        return rkd_loss(student, teacher, self.distance_weight, self.angle_weight, self.eps)
 
 
 @METHODS.register("rkd")
-def rkd(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    rkd_weight: float = 1.0,
-    distance_weight: float = 25.0,
-    angle_weight: float = 50.0,
-    eps: float = 1e-12,
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    kd_weight: float = 0.0,
-    temperature: float = 4.0,
-):
+class RKDMethod(ComposedMethod):
     """CE + w·(w_D·L_D + w_A·L_A) (CIFAR-100 defaults: w = 1, w_D = 25, w_A = 50 on the pooled
     feature, CE 1, KD off)."""
-    term = {
-        "name": "rkd",
-        "weight": rkd_weight,
-        "distance_weight": distance_weight,
-        "angle_weight": angle_weight,
-        "eps": eps,
-        "student_layers": student_layers,
-        "teacher_layers": teacher_layers,
-    }
-    return WeightedLossMethod(
-        student,
-        teacher,
-        ce_kd_feature_terms(ce_weight, kd_weight, temperature, term),
-        input_shape=input_shape,
-        num_samples=num_samples,
+
+    uses = with_ce_and_kd(
+        Use(
+            "rkd",
+            weight="rkd_weight",
+            args=("distance_weight", "angle_weight", "eps", "student_layers", "teacher_layers"),
+        )
     )
+    defaults = {**CE_KD_DEFAULTS, "rkd_weight": 1.0}

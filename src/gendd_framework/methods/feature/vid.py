@@ -17,7 +17,7 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.vid import inverse_softplus, vid_nll, vid_variance
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec, pair_layers, resolve_layers
 from gendd_framework.methods.feature.projectors import match_spatial
 from gendd_framework.methods.terms import LossTerm, require_shapes
@@ -125,35 +125,15 @@ class VIDLoss(LossTerm):
 
 
 @METHODS.register("vid")
-def vid(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    feature_weight: float = 1.0,
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    mid_channels: int | None = None,
-    init_pred_var: float = 5.0,
-    eps: float = 1e-5,
-):
+class VIDMethod(ComposedMethod):
     """CE + w·Σ_stages NLL (CIFAR-100 defaults: w=1, every stage, mid = teacher channels, σ²₀=5, ε=1e-5)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "vid",
-                "weight": feature_weight,
-                "student_layers": student_layers,
-                "teacher_layers": teacher_layers,
-                "mid_channels": mid_channels,
-                "init_pred_var": init_pred_var,
-                "eps": eps,
-            },
-        ],
-        input_shape=input_shape,
-        num_samples=num_samples,
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use(
+            "vid",
+            weight="feature_weight",
+            args=("student_layers", "teacher_layers", "mid_channels", "init_pred_var", "eps"),
+        ),
     )
+    defaults = {"ce_weight": 1.0, "feature_weight": 1.0}

@@ -14,7 +14,7 @@ from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.wkd_feature import smallest_cell, wkd_feature_terms
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.feature.layers import LayerSpec, resolve_layers
 from gendd_framework.methods.feature.projectors import ConvRegressor
 from gendd_framework.methods.terms import LossTerm, require_shapes
@@ -127,42 +127,18 @@ class WKDFeature(LossTerm):
 
 
 @METHODS.register("wkd_f")
-def wkd_f(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    num_samples: int | None = None,
-    ce_weight: float = 1.0,
-    feature_weight: float = 0.08,
-    mean_weight: float = 4.0,
-    grid: int = 1,
-    eps: float = 1e-5,
-    projector: str = "conv1x1",
-    hidden_channels: int = 256,
-    student_layers: LayerSpec = "auto",
-    teacher_layers: LayerSpec = "auto",
-    decay_from_epoch: float = 150.0,
-):
+class WKDFMethod(ComposedMethod):
     """CE + w·cosine_decay·(ρ·mean_term + std_term) on the last stage maps (CIFAR-100 R32x4→R8x4:
     w=0.08, ρ=4, grid 1, conv1x1 projector, decay from epoch 150 of 240)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "wkd_f",
-                "weight": feature_weight,
-                "mean_weight": mean_weight,
-                "grid": grid,
-                "eps": eps,
-                "projector": projector,
-                "hidden_channels": hidden_channels,
-                "student_layers": student_layers,
-                "teacher_layers": teacher_layers,
-                "schedule": {"name": "cosine_decay", "start_epoch": decay_from_epoch},
-            },
-        ],
-        input_shape=input_shape,
-        num_samples=num_samples,
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use(
+            "wkd_f",
+            weight="feature_weight",
+            args=("mean_weight", "grid", "eps", "projector", "hidden_channels")
+            + ("student_layers", "teacher_layers"),
+            schedule={"name": "cosine_decay", "start_epoch": "decay_from_epoch"},
+        ),
     )
+    defaults = {"ce_weight": 1.0, "feature_weight": 0.08, "decay_from_epoch": 150.0}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from gendd_framework.losses.dist import dist_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.logit.kd import check_temperature
 from gendd_framework.methods.terms import LossTerm
 from gendd_framework.registry import LOSSES, METHODS
@@ -16,7 +14,7 @@ class DISTLoss(LossTerm):
     """τ²·(β·(1 − mean row correlation) + γ·(1 − mean column correlation)); batch-dependent (intra)."""
 
     def __init__(
-        self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0, standardize: bool = False
+        self, beta: float = 1.0, gamma: float = 1.0, temperature: float = 4.0, standardize: bool = False
     ) -> None:
         super().__init__()
         self.beta, self.gamma = float(beta), float(gamma)
@@ -35,29 +33,11 @@ class DISTLoss(LossTerm):
 
 
 @METHODS.register("dist")
-def dist(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    ce_weight: float = 1.0,
-    kd_weight: float = 2.0,
-    beta: float = 1.0,
-    gamma: float = 1.0,
-    temperature: float = 4.0,
-    standardize: bool = False,
-):
+class DISTMethod(ComposedMethod):
     """CE + kd_weight·DIST; CIFAR-100 defaults (`dist_t4`): τ=4, kd_weight=2, β=γ=1 (ImageNet: τ=1)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "dist",
-                "weight": kd_weight,
-                "beta": beta,
-                "gamma": gamma,
-                "temperature": temperature,
-                "standardize": standardize,
-            },
-        ],
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use("dist", weight="kd_weight", args=("beta", "gamma", "temperature", "standardize")),
     )
+    defaults = {"ce_weight": 1.0, "kd_weight": 2.0}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
-
-from gendd_framework.losses.dkd import dkd_terms
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.losses.dkd import dkd_loss
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.logit.kd import check_temperature
 from gendd_framework.methods.terms import LossTerm
 from gendd_framework.registry import LOSSES, METHODS
@@ -24,40 +22,27 @@ class DKDLoss(LossTerm):
         self.standardize = bool(standardize)
 
     def forward(self, student, teacher, batch, ctx):
-        tckd, nckd = dkd_terms(
+        return dkd_loss(
             student["logits"].float(),
             teacher["logits"].float(),
             self.targets(batch, teacher),
-            self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            temperature=self.temperature,
             standardize=self.standardize,
         )
-        return {"loss": self.alpha * tckd + self.beta * nckd, "tckd": tckd, "nckd": nckd}
 
 
 @METHODS.register("dkd")
-def dkd(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    ce_weight: float = 1.0,
-    alpha: float = 1.0,
-    beta: float = 8.0,
-    temperature: float = 4.0,
-    warmup_epochs: float = 20.0,
-    standardize: bool = False,
-):
+class DKDMethod(ComposedMethod):
     """CE + min(1, epoch/warmup)·(α·TCKD + β·NCKD); CIFAR-100 defaults α=1, β=8, τ=4, 20 warm-up epochs."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {
-                "name": "dkd",
-                "alpha": alpha,
-                "beta": beta,
-                "temperature": temperature,
-                "standardize": standardize,
-                "schedule": {"name": "linear_warmup", "epochs": warmup_epochs},
-            },
-        ],
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use(
+            "dkd",
+            args=("alpha", "beta", "temperature", "standardize"),
+            schedule={"name": "linear_warmup", "epochs": "warmup_epochs"},
+        ),
     )
+    defaults = {"ce_weight": 1.0, "warmup_epochs": 20.0}

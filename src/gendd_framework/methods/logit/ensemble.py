@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gendd_framework.losses.kd import soft_cross_entropy
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.terms import LossTerm, require_shapes
 from gendd_framework.registry import LOSSES, METHODS
 
@@ -62,17 +62,12 @@ class OutputDiscriminator(LossTerm):
 
 
 @METHODS.register("meal_v2")
-def meal_v2(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    soft_weight: float = 1.0,
-    discriminator: bool = False,
-    discriminator_weight: float = 1.0,
-):
-    """Soft CE to the (ensemble) teacher's probabilities, no label CE; `discriminator: true` adds the
-    MEAL V2 output discriminator."""
-    terms = [{"name": "soft_ce", "weight": soft_weight}]
-    if discriminator:
-        terms.append({"name": "output_discriminator", "weight": discriminator_weight})
-    return WeightedLossMethod(student, teacher, terms, input_shape=input_shape)
+class MEALV2Method(ComposedMethod):
+    """Soft CE to the (ensemble) teacher's probabilities, no label CE, plus the MEAL V2 output
+    discriminator (on, as the official training; `discriminator: false` leaves it out)."""
+
+    uses = (
+        Use("soft_ce", weight="soft_weight"),
+        Use("output_discriminator", weight="discriminator_weight", when="discriminator"),
+    )
+    defaults = {"soft_weight": 1.0, "discriminator": True, "discriminator_weight": 1.0}

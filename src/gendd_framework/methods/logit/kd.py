@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.kd import kd_kl_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.terms import LossTerm
 from gendd_framework.registry import LOSSES, METHODS
 
@@ -36,27 +34,16 @@ class KDDivergence(LossTerm):
 
 
 @METHODS.register("ce", aliases=["vanilla"])
-def ce(student: nn.Module, label_smoothing: float = 0.0):
+class CEMethod(ComposedMethod):
     """The student alone, trained with cross-entropy (the teacher, if given, is ignored)."""
-    return WeightedLossMethod(student, None, [{"name": "ce", "label_smoothing": label_smoothing}])
+
+    uses = (Use("ce", args=("label_smoothing",)),)
 
 
 @METHODS.register("kd", aliases=["hinton"])
-def kd(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    alpha: float = 0.1,
-    beta: float = 0.9,
-    temperature: float = 4.0,
-    standardize: bool = False,
-):
+class KDMethod(ComposedMethod):
     """Hinton KD: α·CE + β·τ²·KL(p_t^τ ‖ p_s^τ) (mdistiller defaults α=0.1, β=0.9, τ=4);
     `standardize: true` is logit-standardised KD (published: τ=2, β=9, α=0.1; method=kd_ls)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": alpha},
-            {"name": "kd_kl", "weight": beta, "temperature": temperature, "standardize": standardize},
-        ],
-    )
+
+    uses = (Use("ce", weight="alpha"), Use("kd_kl", weight="beta", args=("temperature", "standardize")))
+    defaults = {"alpha": 0.1, "beta": 0.9}

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
-
 from gendd_framework.losses.pld import pld_loss
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.logit.kd import check_temperature
 from gendd_framework.methods.terms import LossTerm
 from gendd_framework.registry import LOSSES, METHODS
@@ -30,15 +28,11 @@ class PLDLoss(LossTerm):
 
 
 @METHODS.register("pld")
-def pld(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    pld_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    temperature: float = 1.0,
-):
+class PLDMethod(ComposedMethod):
     """PLD alone replaces the CE + KD mix (it contains a p_t(y)-weighted CE); `ce_weight` adds plain CE."""
-    terms = [{"name": "pld", "weight": pld_weight, "temperature": temperature}]
-    if ce_weight:
-        terms.insert(0, {"name": "ce", "weight": ce_weight})
-    return WeightedLossMethod(student, teacher, terms)
+
+    uses = (
+        Use("ce", weight="ce_weight", when="ce_weight"),
+        Use("pld", weight="pld_weight", args=("temperature",)),
+    )
+    defaults = {"pld_weight": 1.0, "ce_weight": 0.0}

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from gendd_framework.errors import ConfigError
 from gendd_framework.losses.wkd import fc_cosine_cost, linear_cka_cost, wkd_logit_terms
-from gendd_framework.methods.compose import WeightedLossMethod
+from gendd_framework.methods.compose import ComposedMethod, Use
 from gendd_framework.methods.logit.kd import check_temperature
 from gendd_framework.methods.terms import LossTerm, require_shapes
 from gendd_framework.registry import LOSSES, METHODS
@@ -39,7 +38,7 @@ class WKDLogit(LossTerm):
 
     def __init__(
         self,
-        temperature: float = 4.0,
+        temperature: float = 8.0,
         reg: float = 0.05,
         iters: int = 10,
         cost: str = "cka",
@@ -94,42 +93,18 @@ class WKDLogit(LossTerm):
 
 
 @METHODS.register("wkd_l")
-def wkd_l(
-    student: nn.Module,
-    teacher: nn.Module | None = None,
-    input_shape: tuple[int, ...] | None = None,
-    ce_weight: float = 1.0,
-    target_weight: float = 1.0,
-    wkd_weight: float = 600.0,
-    temperature: float = 8.0,
-    reg: float = 0.05,
-    iters: int = 10,
-    cost: str = "cka",
-    cost_tap: str = "feature",
-    sharpen: float | None = 1.0,
-    max_per_class: int | None = None,
-    decay_from_epoch: float = 150.0,
-):
+class WKDLMethod(ComposedMethod):
     """CE + target term + γ·cosine_decay·W (CIFAR-100 R32x4→R8x4: γ=600, τ=8, λ=0.05, 10 iterations,
     decay from epoch 150)."""
-    return WeightedLossMethod(
-        student,
-        teacher,
-        [
-            {"name": "ce", "weight": ce_weight},
-            {"name": "wkd_target", "weight": target_weight},
-            {
-                "name": "wkd_l",
-                "weight": wkd_weight,
-                "temperature": temperature,
-                "reg": reg,
-                "iters": iters,
-                "cost": cost,
-                "cost_tap": cost_tap,
-                "sharpen": sharpen,
-                "max_per_class": max_per_class,
-                "schedule": {"name": "cosine_decay", "start_epoch": decay_from_epoch},
-            },
-        ],
-        input_shape=input_shape,
+
+    uses = (
+        Use("ce", weight="ce_weight"),
+        Use("wkd_target", weight="target_weight"),
+        Use(
+            "wkd_l",
+            weight="wkd_weight",
+            args=("temperature", "reg", "iters", "cost", "cost_tap", "sharpen", "max_per_class"),
+            schedule={"name": "cosine_decay", "start_epoch": "decay_from_epoch"},
+        ),
     )
+    defaults = {"ce_weight": 1.0, "target_weight": 1.0, "wkd_weight": 600.0, "decay_from_epoch": 150.0}
