@@ -109,7 +109,7 @@ def generative_ns5(run_dir: Path) -> float:
     scripts' --num_sampling 5), re-evaluated once from the best checkpoint and cached in the run dir."""
     cache = run_dir / "bench_generative_ns5.json"
     if not cache.exists():
-        from gendd_framework.evaluate import RunEvaluator
+        from gendd_framework.cli.evaluate import RunEvaluator
 
         result = RunEvaluator(run_dir, device="cpu").evaluate({"num_sampling": 5}, "test")
         cache.write_text(json.dumps(result, indent=2))

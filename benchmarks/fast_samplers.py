@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from _common import SCRATCH, fmt_ms, machine_info, md_table, mean_std, results_dir, write_outputs
-from gendd_framework.evaluate import RunEvaluator
+from gendd_framework.cli.evaluate import RunEvaluator
 from gendd_framework.report import collect
 
 REFERENCE = "DDPM 100"

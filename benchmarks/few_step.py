@@ -90,7 +90,7 @@ def student_seconds_per_image(evaluator: Any) -> float:
 
 
 def evaluate(runs_root: Path, data: str, seed: int) -> dict[str, dict[str, float]]:
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
 
     torch.set_num_threads(1)
     results: dict[str, dict[str, float]] = {}

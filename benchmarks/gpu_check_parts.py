@@ -2,7 +2,7 @@
 training step on a device, timing with device synchronisation, the data-loader pass and the CLI runs.
 
 Everything goes through the framework's own code (Hydra composition of the real recipes, `build_data`,
-`RunContext.loader`, `build_method`, `apply_speed`, `build_optimizer`, `autocast_context`), so a GPU
+`RunContext.loader`, `student_method`, `apply_speed`, `build_optimizer`, `autocast_context`), so a GPU
 failure here is a failure of the path a user's run takes.
 """
 
@@ -37,8 +37,8 @@ from gendd_framework.engine.trainer import autocast_context
 from gendd_framework.methods.base import freeze
 from gendd_framework.models import build_model
 from gendd_framework.registry import split_spec
-from gendd_framework.runtime import RunContext, build_data, build_method
-from gendd_framework.stages import teacher_architecture
+from gendd_framework.runtime import RunContext, build_data
+from gendd_framework.stages import student_method, teacher_architecture
 
 CIFAR100_FOLDER = "cifar-100-python"  # what data/vision.py expects under data.root
 MIB = 2**20
@@ -119,7 +119,7 @@ def training_step(
     num_classes = ctx.data.num_classes
     teacher = freeze(teacher_architecture(cfg.teacher, num_classes))
     student = build_model(cfg.student, num_classes=num_classes)
-    method = build_method(cfg.method, student, teacher, ctx.facts).to(ctx.device).train()
+    method = student_method(cfg.method, student, teacher, ctx.facts).to(ctx.device).train()
     applied = apply_speed(method, speed)
     _, optim_kwargs = split_spec(cfg.optim, "optimizer")
     optimizer = build_optimizer(cfg.optim, method.param_groups(optim_kwargs.get("weight_decay", 0.0)))

@@ -26,7 +26,7 @@ from gendd_framework.config import plain
 from gendd_framework.data.vision import imagenet_eval
 from gendd_framework.errors import ConfigError
 from gendd_framework.models import build_model
-from gendd_framework.stages import single_teacher
+from gendd_framework.stages.teacher import single_teacher
 from test_cifar_official import fixture, official_checkpoint, oracle
 
 BIN = Path(sys.executable).parent

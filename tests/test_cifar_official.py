@@ -24,7 +24,7 @@ from gendd_framework.config import plain
 from gendd_framework.models import FeatureTap, build_model
 from gendd_framework.models.checkpoints import file_names
 from gendd_framework.models.feature_stages import feature_stages
-from gendd_framework.stages import single_teacher
+from gendd_framework.stages.teacher import single_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "cifar_official").glob("*.json"))

@@ -15,7 +15,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from gendd_framework.cli import config_dir
-from gendd_framework.evaluate import compose_eval, main, merge_method, parse_args
+from gendd_framework.cli.evaluate import compose_eval, main, merge_method, parse_args
 
 BIN = Path(sys.executable).parent
 TINY_GENDD = [

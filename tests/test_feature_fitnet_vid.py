@@ -14,13 +14,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gendd_framework.components  # noqa: F401  (registrations)
-import gendd_framework.hint_stage  # noqa: F401  (the `hint` stage)
+import gendd_framework.stages.hint  # noqa: F401  (the `hint` stage)
 from gendd_framework.context import StepContext
 from gendd_framework.data.base import BatchDataset
 from gendd_framework.engine.checkpoint import seed_everything
 from gendd_framework.engine.trainer import evaluate
 from gendd_framework.errors import ConfigError
-from gendd_framework.hint_stage import fitnet_term_settings
 from gendd_framework.losses.fitnet import hint_mse
 from gendd_framework.losses.vid import inverse_softplus, vid_nll, vid_variance
 from gendd_framework.methods.feature.fitnet import FitNetHint, cut_at, hint_layer
@@ -29,6 +28,7 @@ from gendd_framework.models import build_model
 from gendd_framework.pipeline import run
 from gendd_framework.registry import METHODS, OPTIMIZERS
 from gendd_framework.runtime import build_data
+from gendd_framework.stages.hint import fitnet_term_settings
 
 CTX = StepContext()
 TINY = ["trainer.epochs=1", "hint.epochs=1", "data.train_fraction=0.3"]

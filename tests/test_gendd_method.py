@@ -332,7 +332,7 @@ def test_pipeline_gendd_on_digits_records_both_outputs_and_eval_settings(compose
     record = summary["distill"]
     assert {"acc/generative", "acc/student"} <= set(record["test"])
     # the recorded test numbers are exactly those of the saved best-on-val checkpoint, re-evaluated
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
 
     again = RunEvaluator(tmp_path, device="cpu").evaluate(split="test")
     for key in ("acc/generative", "acc/student", "agree/generative", "kl/generative", "ece/student"):

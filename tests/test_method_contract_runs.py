@@ -189,7 +189,7 @@ def train_rows(run_dir, stage="distill") -> list[dict]:
 
 # -- 4. teacher-free methods ----------------------------------------------------------------------------
 def test_a_teacher_free_stage_trains_evaluates_and_reevaluates_without_a_teacher(setup, tmp_path):
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
 
     cfg = setup(["method=contract_teacher_free", "stages=[distill]", *TINY])
     summary = run(cfg, tmp_path)
@@ -266,7 +266,7 @@ def test_a_sample_key_the_data_lacks_fails_at_build_in_one_line(setup, tmp_path)
 
 # -- 6. export what predicts ---------------------------------------------------------------------------
 def test_the_exported_predictor_is_what_from_run_and_gendd_eval_use(setup, tmp_path):
-    from gendd_framework.evaluate import run_eval
+    from gendd_framework.cli.evaluate import run_eval
 
     first = run(setup(["method=contract_teacher_head", *TINY]), tmp_path / "a")
     accuracy = first["distill"]["test"]["acc/projected"]

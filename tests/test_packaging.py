@@ -52,7 +52,7 @@ def test_wheel_ships_every_config(wheel):
         for p in (ROOT / "conf").rglob("*.yaml")
     }
     assert expected - names == set()
-    assert "gendd_framework/cli.py" in names
+    assert "gendd_framework/cli/train.py" in names
 
 
 def test_unpacked_wheel_finds_and_composes_its_configs(wheel, tmp_path):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +76,24 @@ def test_plugins_doc_examples_train_from_a_foreign_folder(tmp_path, cache_dir):
     assert summary["teacher"]["test"]["acc/teacher"] > 50 and "agree/student" in summary["distill"]["test"]
     assert [r["train/weight/logit_cosine"] for r in rows(tmp_path / "kd")] == [0.0, 2.0]  # weight x schedule
     assert all(r["train/logit_cosine"] > 0 for r in rows(tmp_path / "kd"))
+
+
+def test_the_plugin_stages_preflight_check_stops_a_bad_setting_before_training(tmp_path, compose):
+    """The page's `noise_eval` stage declares a preflight check: sigma < 0 fails in preflight, named,
+    before the distill stage trains (no checkpoint written)."""
+    from gendd_framework import config as config_lib
+    from gendd_framework.errors import ConfigError
+    from gendd_framework.pipeline import run
+
+    for rel, body in doc_files().items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(body)
+    plugin = str(tmp_path / "my_plugins" / "noise_eval.py")
+    base = [f"plugins=[{plugin}]", "method=ce", "trainer.epochs=1"]
+    cfg = compose([*base, "stages=[distill,{name:noise_eval,sigma:-1}]"])
+    with pytest.raises(ConfigError, match=r"stage 'noise_eval': sigma=-1 must be >= 0"):
+        run(config_lib.apply_recipe(cfg), tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    cfg = compose([*base, "stages=[{name:noise_eval}]"])
+    with pytest.raises(ConfigError, match="needs a training stage before it"):
+        run(config_lib.apply_recipe(cfg), tmp_path / "run2")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from gendd_framework import config as config_lib
+from gendd_framework.dry_run import STAND_IN_SAMPLES
 from gendd_framework.errors import ConfigError
 from gendd_framework.models import build_model
 from gendd_framework.models.tap import feature_dim
@@ -215,11 +216,33 @@ def test_prepare_gets_stand_in_statistics_and_the_cache_folder_stays_empty(
     seen().clear()
     preflight(cfg, data, loader_cfg)
     teacher_dim = feature_dim(build_model(cfg.teacher.model, num_classes=data.num_classes))
-    assert ("prepare", (data.num_classes, teacher_dim), len(data.train), True) in seen()
+    # statistics on the stand-in samples, spread over the split (per-sample memories stay small)
+    stand_in = min(len(data.train), STAND_IN_SAMPLES)
+    assert stand_in < len(data.train)
+    assert ("prepare", (data.num_classes, teacher_dim), stand_in, True) in seen()
     for method in ("crd", "wkd_l", "nd"):  # statistics users: class features, CKA cost, labels per sample
         cfg = config_lib.apply_recipe(compose([*TINY, f"method={method}", "experiment=digits/transfer_cnn"]))
         preflight(cfg, *build_data(cfg.data))
     assert not cache.exists(), sorted(cache.rglob("*"))
+
+
+def test_preflight_builds_crd_banks_for_the_stand_in_samples_only(compose, monkeypatch):
+    """CRD's two memory banks get one row per stand-in sample in preflight (not one per training
+    image: ~1.3 GB on ImageNet), and the run's own build still gets the full split."""
+    from gendd_framework.methods.feature import crd
+
+    sizes = []
+    bind = crd.CRDTerm.bind
+
+    def recording_bind(self, student, teacher, facts):
+        bind(self, student, teacher, facts)
+        sizes.append((self.memory_student.shape[0], self.memory_teacher.shape[0]))
+
+    monkeypatch.setattr(crd.CRDTerm, "bind", recording_bind)
+    cfg = config_lib.apply_recipe(compose([*TINY, "method=crd", "experiment=digits/transfer_cnn"]))
+    data, loader_cfg = build_data(cfg.data)
+    preflight(cfg, data, loader_cfg)
+    assert sizes == [(STAND_IN_SAMPLES, STAND_IN_SAMPLES)] and len(data.train) > STAND_IN_SAMPLES
 
 
 def test_preflight_leaves_every_rng_as_it_was(compose):

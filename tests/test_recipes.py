@@ -209,7 +209,7 @@ def test_cifar_recipe_without_data_stops_with_a_clear_error(compose, tmp_path, m
 def test_missing_teacher_weights_stop_the_teacher_stage_naming_the_file(
     compose, tmp_path, monkeypatch, experiment
 ):
-    from gendd_framework.stages import teacher_stage
+    from gendd_framework.stages.teacher import teacher_stage
 
     monkeypatch.setenv("GENDD_TEACHERS", str(tmp_path / "teachers"))
     cfg = compose([f"experiment={experiment}"])

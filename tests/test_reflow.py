@@ -44,7 +44,7 @@ def test_reflow_retrains_only_the_head_and_evaluates_with_one_step(compose, tmp_
     head = [k for k in before if k.startswith("head.") and before[k].is_floating_point()]
     assert student and all(torch.equal(before[k], after[k]) for k in student)
     assert any(not torch.equal(before[k], after[k]) for k in head)
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
 
     again = RunEvaluator(tmp_path, stage="reflow", device="cpu").evaluate(
         {"sampler": {"name": "euler", "steps": 1}}
@@ -53,13 +53,13 @@ def test_reflow_retrains_only_the_head_and_evaluates_with_one_step(compose, tmp_
 
 
 def test_reflow_pairs_are_the_heads_own_ode_images(compose, tmp_path):
-    from gendd_framework.reflow import reflow_pairs
     from gendd_framework.registry import SAMPLERS
+    from gendd_framework.stages.reflow import reflow_pairs
 
     run(compose(TINY[:-1]), tmp_path)  # no reflow: the trained method is rebuilt below
     from types import SimpleNamespace
 
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
 
     evaluator = RunEvaluator(tmp_path, device="cpu")
     gendd = evaluator.build_method()

@@ -101,7 +101,7 @@ def test_mean_teacher_options_are_checked_and_dino_keeps_a_centre():
 
 
 def test_mean_teacher_runs_without_a_teacher_and_exports_the_ema(compose, tmp_path):
-    from gendd_framework.evaluate import run_eval
+    from gendd_framework.cli.evaluate import run_eval
 
     summary = run(compose(["method=mean_teacher", "stages=[distill]", *TINY]), tmp_path)
     test = summary["distill"]["test"]

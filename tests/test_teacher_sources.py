@@ -36,7 +36,7 @@ def test_born_again_generations_each_distil_from_the_previous_student(compose, t
     assert summary["gen3"]["teacher"]["test"]["acc/teacher"] == summary["gen2"]["test"]["acc/student"]
     for name in ("gen2", "gen3"):
         assert (tmp_path / "checkpoints" / f"{name}_best.pt").exists()
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
 
     again = RunEvaluator(tmp_path, stage="gen3", device="cpu").evaluate(split="test")
     assert again["acc/student"] == summary["gen3"]["test"]["acc/student"]

@@ -15,6 +15,7 @@ NCCL, whose collectives CRD and GenDD call in their step); the caller restores e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ from gendd_framework.models.tap import FeatureTap
 from gendd_framework.runtime import RunContext
 
 SAMPLES = 2  # enough for BatchNorm in train mode; a forward/backward of 2 samples costs little
+# Methods are built for this many training samples (`facts.num_samples`), their statistics taken on as
+# many spread over the split: per-sample memories (CRD's banks, ~1.3 GB on ImageNet) are not built a
+# second time, and every class of a class-sorted split (ImageFolder) is still among them.
+STAND_IN_SAMPLES = 64
 
 
 class StandInStatistics(TeacherStatistics):
@@ -45,6 +50,7 @@ class StandInStatistics(TeacherStatistics):
 
     def __init__(self, teacher: nn.Module, dataset: Dataset, num_classes: int, inputs: torch.Tensor) -> None:
         super().__init__(teacher, dataset, num_classes, inputs.device, cache_dir=None, data_key={})
+        self.batch_size = len(dataset)
         self.inputs = inputs
 
     @property
@@ -89,6 +95,9 @@ class DryRun:
         self.ctx = RunContext(cfg, Path(), self.device, data, loader_cfg, LoggerGroup([]))
         self.num_classes = data.num_classes
         self.epochs = int(cfg.trainer.epochs)
+        n = len(data.train)
+        self.stand_in = torch.linspace(0, n - 1, min(n, STAND_IN_SAMPLES)).round().long().unique().tolist()
+        self.facts = dataclasses.replace(self.ctx.facts, num_samples=len(self.stand_in))
         self._batches: dict[tuple[bool, int], dict[str, Any]] = {}
 
     def batch(self, all_labels: bool, views: int) -> dict[str, Any]:
@@ -103,8 +112,8 @@ class DryRun:
 
     def statistics(self, teacher: nn.Module, inputs: torch.Tensor) -> StandInStatistics:
         data = self.ctx.data
-        dataset = BatchDataset(data.train_plain or data.train)  # as stages.teacher_statistics, all labels
-        return StandInStatistics(teacher, dataset, self.num_classes, inputs)
+        dataset = BatchDataset(data.train_plain or data.train)  # as the stage's statistics, all labels
+        return StandInStatistics(teacher, Subset(dataset, self.stand_in), self.num_classes, inputs)
 
     def check(
         self,
@@ -123,7 +132,7 @@ class DryRun:
         where = f"preflight of stage '{stage}', method '{name}'"
         try:
             with blame(where):
-                views = required_views(method, self.ctx.facts.sample_keys)
+                views = required_views(method, self.facts.sample_keys)
             batch = self.batch(all_labels, views)
             method.to(self.device)
             teacher = getattr(method, "teacher", None)

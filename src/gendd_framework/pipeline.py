@@ -23,7 +23,6 @@ from gendd_framework.engine.checkpoint import atomic_save, kill_point, seed_ever
 from gendd_framework.engine.loggers import atomic_write_text, flatten
 from gendd_framework.errors import ConfigError, NonFiniteLossError
 from gendd_framework.plugins import load_plugins
-from gendd_framework.registry import split_spec
 from gendd_framework.runtime import (  # noqa: F401  (re-exported: the pipeline's public helpers)
     RunContext,
     build_data,
@@ -31,6 +30,7 @@ from gendd_framework.runtime import (  # noqa: F401  (re-exported: the pipeline'
     fit_method,
     resolve_device,
 )
+from gendd_framework.stages.hooks import stage_entries
 
 LOG = logging.getLogger("gendd_framework")
 # keys that may change between a run and its resumption without changing what is computed
@@ -99,18 +99,6 @@ def finished_summary(run_dir: Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) and "failed" not in summary else None
 
 
-def stage_keys(cfg: DictConfig) -> list[tuple[str, str, dict]]:
-    """(result key, registered name, kwargs) per stage; repeated stages must name themselves."""
-    keys = []
-    for spec in cfg.stages:
-        name, kwargs = split_spec(spec, "stage")
-        key = kwargs.get("stage_name", name)
-        if key in (k for k, _, _ in keys):
-            raise ConfigError(f"stage '{key}' appears twice in `stages`; give each a distinct stage_name")
-        keys.append((key, name, kwargs))
-    return keys
-
-
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Validate and build everything (preflight), then run every configured stage; returns (and
     writes) the summary. A non-finite loss stops the run with the failure recorded in summary.json.
@@ -141,7 +129,7 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
     if plugins:  # recorded absolute, so gendd-eval and from_run work from any directory
         cfg = cfg.copy()
         cfg.plugins = plugins
-    stages = stage_keys(cfg)
+    stages = stage_entries(cfg)
     started = time.perf_counter()
     main = distributed.is_main_process()
     plan = check_resume(cfg, run_dir)

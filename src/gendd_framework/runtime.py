@@ -27,7 +27,7 @@ from gendd_framework.engine.teacher_cache import cache_for_run, wrap_train_datas
 from gendd_framework.engine.trainer import Trainer, evaluate, optimizer_steps_per_epoch
 from gendd_framework.errors import ConfigError
 from gendd_framework.methods.base import required_views, unoptimised_parameters
-from gendd_framework.registry import DATASETS, LOGGERS, METHODS, SCHEDULERS, split_spec
+from gendd_framework.registry import DATASETS, LOGGERS, SCHEDULERS, split_spec
 from gendd_framework.schema import TrainerConfig, cache_dir, loader_config, plain
 
 LOG = logging.getLogger("gendd_framework")
@@ -137,25 +137,6 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> LoggerGroup:
     return group
 
 
-def build_method(
-    node: Any, student: nn.Module, teacher: nn.Module | None, facts: DataFacts, **extra: Any
-) -> nn.Module:
-    """The one way a stage (or gendd-eval, or `teacher=from_run`) builds a configured method: the
-    `method:` node's kwargs plus the runtime objects a factory may accept (`student`, `teacher`,
-    `facts`, and its fields `num_classes`, `input_shape`, `num_samples`)."""
-    name, kwargs = split_spec(node, "method")
-    return METHODS.build(
-        {"name": name, **kwargs},
-        student=student,
-        teacher=teacher,
-        facts=facts,
-        num_classes=facts.num_classes,
-        input_shape=facts.input_shape,
-        num_samples=facts.num_samples,
-        **extra,
-    )
-
-
 def check_parameters(method: nn.Module, groups: list[dict], stage: str) -> None:
     """Every parameter that requires grad is optimised: else a one-line error naming them."""
     missing = unoptimised_parameters(method, groups)
@@ -166,6 +147,15 @@ def check_parameters(method: nn.Module, groups: list[dict], stage: str) -> None:
             f"param group, so they would never change: {shown}; return them from param_groups() / "
             "custom_param_groups(), or freeze them (requires_grad_(False))"
         )
+
+
+def optimizer_groups(method: nn.Module, optim: Any, stage: str) -> list[dict]:
+    """The method's param groups for the stage's optimizer (its weight decay), every trainable
+    parameter in one: what the stage trains and what preflight checks."""
+    _, opt_kwargs = split_spec(optim, "optimizer")
+    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
+    check_parameters(method, groups, stage)
+    return groups
 
 
 def fit_method(
@@ -186,9 +176,7 @@ def fit_method(
     method.to(ctx.device)
     views = required_views(method, ctx.facts.sample_keys)  # one-line error for keys the data lacks
     applied = apply_speed(method, trainer.speed)
-    _, opt_kwargs = split_spec(optim, "optimizer")
-    groups = method.param_groups(opt_kwargs.get("weight_decay", 0.0))
-    check_parameters(method, groups, stage)
+    groups = optimizer_groups(method, optim, stage)
     shared = cache_dir(ctx.cfg.get("paths"))
     cache = cache_for_run(  # None unless trainer.teacher_cache.mode is set
         method,

@@ -78,13 +78,15 @@ def load_subject(
     run_dir: str | Path, stage: str = "distill", split: str = "test", device: str = "auto"
 ) -> ProbeSubject:
     """Teacher, deployed predictor and the split to probe, for one run directory."""
-    from gendd_framework.evaluate import RunEvaluator
+    from gendd_framework.cli.evaluate import RunEvaluator
     from gendd_framework.methods.base import freeze
+    from gendd_framework.stages import stage_kind
 
     evaluator = RunEvaluator(run_dir, stage, device)
     method = evaluator.build_method()
     student, how = predictor(method)
-    if evaluator.teacher is not None and evaluator.stage_kind != "born_again":
+    # a born-again generation's teacher is the previous student: probe against the run's teacher
+    if evaluator.teacher is not None and stage_kind(evaluator.cfg, stage) != "born_again":
         teacher, teacher_source = evaluator.teacher, f"checkpoint of stage '{stage}'"
     else:
         teacher, teacher_source = teacher_from_summary(

@@ -26,11 +26,40 @@ from gendd_framework.engine import distributed
 from gendd_framework.errors import ConfigError
 from gendd_framework.registry import STAGES
 from gendd_framework.runtime import RunContext
+from gendd_framework.stages.hooks import stage_hooks
 
 LOG = logging.getLogger("gendd_framework")
 
 
+SETTING_KEYS = (
+    "probes", "images", "batch_size", "seed", "localization", "adversarial", "invariance", "corruption",
+    "calibration",
+)  # fmt: skip
+NEEDS = (
+    "probes a trained student against its teacher: list it after `teacher` and a training stage, "
+    "e.g. stages=[teacher,distill,probe]"
+)
+
+
+def stage_settings(stage_name: str, split: str, given: dict[str, Any]) -> Any:
+    """The probe settings (unset ones keep their defaults), checked: one-line errors naming the key."""
+    settings = parse_settings(
+        {k: v for k, v in given.items() if k in SETTING_KEYS and v is not None}, where=f"stage '{stage_name}'"
+    )
+    if split not in ("val", "test"):
+        raise ConfigError(f"stage '{stage_name}': split={split!r}, expected 'val' or 'test'")
+    return settings
+
+
+def check_probe(check: Any, split: str = "test", stage_name: str = "probe", **given: Any) -> None:
+    """Preflight: the settings parse, and a teacher and a trained method come before the stage."""
+    stage_settings(stage_name, split, given)
+    if "teacher" not in check.models or "method" not in check.models:
+        raise ConfigError(f"stage '{stage_name}' {NEEDS}")
+
+
 @STAGES.register("probe")
+@stage_hooks(preflight=check_probe)
 def probe_stage(
     ctx: RunContext,
     probes: list[str] | None = None,
@@ -50,17 +79,10 @@ def probe_stage(
         probes=probes, images=images, batch_size=batch_size, seed=seed, localization=localization,
         adversarial=adversarial, invariance=invariance, corruption=corruption, calibration=calibration,
     )  # fmt: skip
-    settings = parse_settings(
-        {k: v for k, v in given.items() if v is not None}, where=f"stage '{stage_name}'"
-    )
-    if split not in ("val", "test"):
-        raise ConfigError(f"stage '{stage_name}': split={split!r}, expected 'val' or 'test'")
+    settings = stage_settings(stage_name, split, given)
     teacher, method = ctx.models.get("teacher"), ctx.models.get("method")
     if teacher is None or method is None:
-        raise ConfigError(
-            f"stage '{stage_name}' probes a trained student against its teacher: list it after "
-            "`teacher` and a training stage, e.g. stages=[teacher,distill,probe]"
-        )
+        raise ConfigError(f"stage '{stage_name}' {NEEDS}")
     if not distributed.is_main_process():
         return {}  # one rank probes and writes; the others have nothing to add
     student, how = predictor(method)

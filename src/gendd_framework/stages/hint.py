@@ -14,7 +14,7 @@ else FitNet's defaults; `hint.student_layers` / `hint.teacher_layers` / `hint.re
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 from torch import nn
@@ -26,6 +26,10 @@ from gendd_framework.errors import ConfigError
 from gendd_framework.models import build_model
 from gendd_framework.registry import METHODS, STAGES, split_spec
 from gendd_framework.runtime import RunContext, fit_method
+from gendd_framework.stages.hooks import stage_hooks
+
+if TYPE_CHECKING:
+    from gendd_framework.preflight import StagePreflight
 
 TERM_KEYS = ("student_layers", "teacher_layers", "regressor")  # read from the method's fitnet term
 HINT_KEYS = ("epochs", "optim", "sched", *TERM_KEYS)
@@ -91,7 +95,22 @@ def build_hint_method(
         raise ConfigError(f"stage 'hint': {exc}") from None
 
 
+def check_hint(check: StagePreflight, **_: Any) -> None:
+    """The `hint:` node, a teacher before it, and the method (layers, regressor, guided path),
+    optimizer and schedule the stage will train with."""
+    node = hint_config(check.cfg)
+    teacher = check.models.get("teacher")
+    if teacher is None:
+        raise ConfigError("stage 'hint' needs a `teacher` stage before it")
+    method = build_hint_method(check.cfg, check.fresh_student(), teacher, check.input_shape)
+    check.training(
+        method, name="fitnet_hint", optim=node["optim"], sched=node["sched"], epochs=int(node["epochs"])
+    )
+    check.models["student"] = method.student_model
+
+
 @STAGES.register("hint")
+@stage_hooks(preflight=check_hint)
 def hint_stage(ctx: RunContext, stage_name: str = "hint") -> dict[str, Any]:
     """FitNets stage 1: train the student's guided path + a regressor on the hint loss only (`hint:`
     config), then hand the student (its last weights) to the next stage."""

@@ -13,7 +13,7 @@ The student is frozen; only the head trains. Checkpoints keep GenDD's own state-
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,6 +25,13 @@ from gendd_framework.data.base import BatchDataset
 from gendd_framework.errors import ConfigError
 from gendd_framework.registry import SAMPLERS, STAGES
 from gendd_framework.runtime import RunContext, fit_method
+from gendd_framework.stages.distill import rebuild_distill
+from gendd_framework.stages.hooks import stage_hooks
+
+if TYPE_CHECKING:
+    from gendd_framework.preflight import StagePreflight
+
+NEEDS_FLOW = "stage 'reflow' needs a GenDD stage with a flow objective before it (method/objective=flow)"
 
 
 @torch.no_grad()
@@ -99,7 +106,18 @@ class ReflowHead(nn.Module):
         return self.gendd.load_state_dict(state_dict, strict=strict)
 
 
+def is_flow_gendd(method: nn.Module | None) -> bool:
+    return getattr(getattr(method, "objective", None), "kind", None) == "flow"
+
+
+def check_reflow(check: StagePreflight, **_: Any) -> None:
+    """The method trained before it is GenDD with a flow head (reflow retrains that head)."""
+    if not is_flow_gendd(check.models.get("method")):
+        raise ConfigError(NEEDS_FLOW)
+
+
 @STAGES.register("reflow")
+@stage_hooks(preflight=check_reflow, rebuild=rebuild_distill)  # the GenDD method, its head retrained
 def reflow_stage(
     ctx: RunContext,
     stage_name: str = "reflow",
@@ -112,10 +130,8 @@ def reflow_stage(
     """Reflow the flow head trained by the previous stage: pairs from `generate` (default Heun, 8
     steps), `epochs` of head-only training, evaluated with `sampler` (default one Euler step)."""
     gendd = ctx.models.get("method")
-    if gendd is None or getattr(getattr(gendd, "objective", None), "kind", None) != "flow":
-        raise ConfigError(
-            "stage 'reflow' needs a GenDD stage with a flow objective before it (method/objective=flow)"
-        )
+    if not is_flow_gendd(gendd):
+        raise ConfigError(NEEDS_FLOW)
     cfg = ctx.cfg
     generator_sampler = SAMPLERS.build(generate or {"name": "heun", "steps": 8})
     pairs = reflow_pairs(gendd, ctx, generator_sampler, gendd.guidance_scale, int(cfg.seed))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gendd_framework.errors import ConfigError
 
@@ -50,13 +50,6 @@ def merge_method(base: DictConfig, overrides: dict[str, Any]) -> DictConfig:
     return node
 
 
-def stage_kind(cfg: DictConfig, stage: str) -> str:
-    """The registered stage behind a stage name (`gen2` -> `born_again`); the name itself if unlisted."""
-    from gendd_framework.pipeline import stage_keys
-
-    return next((name for key, name, _ in stage_keys(cfg) if key == stage), stage)
-
-
 class RunEvaluator:
     """Holds a run's data and trained weights; builds the method anew for each evaluation setting."""
 
@@ -80,20 +73,18 @@ class RunEvaluator:
         self.device = resolve_device(device)
         self.data, self.loader_cfg = build_data(self.cfg.data)
         self.state = load_checkpoint(checkpoint)["method"]
-        self.stage, self.stage_kind = stage, stage_kind(self.cfg, stage)
+        self.stage = stage
 
     def build_method(self, method_overrides: dict[str, Any] | None = None):
-        """The stage's method with its best-on-val weights: built as the stage built it (same data
-        facts; the teacher it had, none for a teacher-free stage)."""
+        """The stage's method with its best-on-val weights, rebuilt as the stage declares
+        (`stage_hooks(rebuild=...)`: same data facts, the teacher it had) with the overrides merged."""
         from gendd_framework.data.base import data_facts
-        from gendd_framework.models import build_model
-        from gendd_framework.runtime import build_method
-        from gendd_framework.stages import architecture, stage_teacher_architecture
+        from gendd_framework.stages import rebuild_stage_method
 
-        node = merge_method(self.cfg.method, method_overrides or {})
-        student = build_model(architecture(self.cfg.student), num_classes=self.data.num_classes)
-        teacher = stage_teacher_architecture(self.cfg, self.stage, self.data.num_classes)
-        method = build_method(node, student, teacher, data_facts(self.data))
+        cfg = self.cfg.copy()
+        with open_dict(cfg):
+            cfg.method = merge_method(self.cfg.method, method_overrides or {})  # replaced, not merged
+        method = rebuild_stage_method(cfg, self.stage, data_facts(self.data))
         method.load_state_dict(self.state)
         self.teacher = method.teacher.model if getattr(method, "teacher", None) is not None else None
         return method.to(self.device)
