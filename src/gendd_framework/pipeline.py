@@ -118,18 +118,9 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] | tuple[str, 
 
 def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[str, Any]:
     from gendd_framework.preflight import preflight
-    from gendd_framework.provenance import provenance
     from gendd_framework.registry import STAGES
-    from gendd_framework.stages import referenced_plugins
 
-    cfg = config_lib.apply_recipe(cfg, overrides)  # `overrides`: the job's command line, which wins
-    config_lib.validate(cfg)
-    plugins = load_plugins(cfg.get("plugins") or [])
-    load_plugins(referenced_plugins(cfg), scan_default_dirs=False)  # `teacher=from_run` runs' methods
-    if plugins:  # recorded absolute, so gendd-eval and from_run work from any directory
-        cfg = cfg.copy()
-        cfg.plugins = plugins
-    stages = stage_entries(cfg)
+    cfg = prepared_config(cfg, overrides)
     started = time.perf_counter()
     main = distributed.is_main_process()
     plan = check_resume(cfg, run_dir)
@@ -146,7 +137,48 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
     ctx = RunContext(cfg, run_dir, device, data, loader_cfg, build_logger(cfg, run_dir))
     if main and plan == "fresh" and cfg.trainer.get("resume") == "auto":
         atomic_write_text(ctx.logger.jsonl_path, "")  # rows of attempts that left no checkpoint
-    summary: dict[str, Any] = {
+    summary = summary_header(cfg, run_dir, device)
+    try:
+        for key, name, kwargs in stage_entries(cfg):
+            seed_everything(int(cfg.seed))  # each stage starts from the same RNG state, cached teacher or not
+            ctx.results[key] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
+        finals = {k: r["test"] for k, r in ctx.results.items() if isinstance(r, dict) and "test" in r}
+        ctx.logger.finish(OmegaConf.to_container(cfg, resolve=True), finals)  # TensorBoard hparams, wandb
+    except NonFiniteLossError as exc:
+        failed = {"error": str(exc), "stage": exc.stage, "step": exc.step, "key": exc.key}
+        if main:
+            write_summary(
+                run_dir, {**summary, "elapsed_s": elapsed(started), **ctx.results, "failed": failed}
+            )
+        raise
+    finally:
+        ctx.logger.close()
+    summary.update(elapsed_s=elapsed(started), **ctx.results)
+    summary.update(objective(ctx.results))
+    return finish_run(ctx, summary, main)
+
+
+def prepared_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config as run: per-recipe values merged (the job's command line wins), validated, plugins
+    imported (the run's own and those of the earlier runs its teacher comes from) and recorded absolute,
+    so gendd-eval and `teacher=from_run` work from any directory."""
+    from gendd_framework.stages import referenced_plugins
+
+    cfg = config_lib.apply_recipe(cfg, overrides)
+    config_lib.validate(cfg)
+    plugins = load_plugins(cfg.get("plugins") or [])
+    load_plugins(referenced_plugins(cfg), scan_default_dirs=False)  # `teacher=from_run` runs' methods
+    if plugins:
+        cfg = cfg.copy()
+        cfg.plugins = plugins
+    stage_entries(cfg)  # a repeated stage without its own stage_name fails before any work
+    return cfg
+
+
+def summary_header(cfg: DictConfig, run_dir: Path, device) -> dict[str, Any]:
+    from gendd_framework.provenance import provenance
+
+    return {
         "name": cfg.get("name"),
         "seed": int(cfg.seed),
         "method": cfg.method.name,
@@ -155,32 +187,22 @@ def _run(cfg: DictConfig, run_dir: Path, overrides: list[str], device) -> dict[s
         "run_dir": str(run_dir),
         "provenance": provenance(device),
     }
-    try:
-        for key, name, kwargs in stages:
-            seed_everything(int(cfg.seed))  # each stage starts from the same RNG state, cached teacher or not
-            ctx.results[key] = STAGES.build({"name": name, **kwargs}, ctx=ctx)
-        finals = {k: r["test"] for k, r in ctx.results.items() if isinstance(r, dict) and "test" in r}
-        ctx.logger.finish(OmegaConf.to_container(cfg, resolve=True), finals)  # TensorBoard hparams, wandb
-    except NonFiniteLossError as exc:
-        failed = {"error": str(exc), "stage": exc.stage, "step": exc.step, "key": exc.key}
-        if main:
-            record = {**summary, "elapsed_s": elapsed(started), **ctx.results, "failed": failed}
-            write_summary(run_dir, record)
-        raise
-    finally:
-        ctx.logger.close()
-    summary.update(elapsed_s=elapsed(started), **ctx.results)
-    summary.update(objective(ctx.results))
+
+
+def finish_run(ctx: RunContext, summary: dict[str, Any], main: bool) -> dict[str, Any]:
+    """student.pt (the deployable predictor), summary.json last (it marks the run finished: resume=auto
+    skips it), the curves; only rank 0 writes."""
     predictor = None
     if "student" in ctx.models:
         predictor, summary["export"] = final_predictor(ctx)
     if not main:
         return summary
     kill_point("finish")
+    run_dir = ctx.run_dir
     if predictor is not None:
         atomic_save(predictor.state_dict(), run_dir / "student.pt")
     (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
-    write_summary(run_dir, summary)  # last: a summary.json marks the run finished (resume=auto skips it)
+    write_summary(run_dir, summary)
     from gendd_framework.plots import plot_metrics
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")

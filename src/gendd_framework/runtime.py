@@ -158,6 +158,19 @@ def optimizer_groups(method: nn.Module, optim: Any, stage: str) -> list[dict]:
     return groups
 
 
+def teacher_output_cache(ctx: RunContext, method: nn.Module, trainer: TrainerConfig):
+    """The run's teacher-output cache for this stage (None unless trainer.teacher_cache.mode is set)."""
+    shared = cache_dir(ctx.cfg.get("paths"))
+    return cache_for_run(
+        method,
+        trainer,
+        root=shared / "teacher_outputs" if shared is not None else None,
+        data_config=plain(ctx.cfg.data),
+        device=ctx.device,
+        train_dataset=ctx.data.train,
+    )
+
+
 def fit_method(
     ctx: RunContext,
     method,
@@ -177,15 +190,7 @@ def fit_method(
     views = required_views(method, ctx.facts.sample_keys)  # one-line error for keys the data lacks
     applied = apply_speed(method, trainer.speed)
     groups = optimizer_groups(method, optim, stage)
-    shared = cache_dir(ctx.cfg.get("paths"))
-    cache = cache_for_run(  # None unless trainer.teacher_cache.mode is set
-        method,
-        trainer,
-        root=shared / "teacher_outputs" if shared is not None else None,
-        data_config=plain(ctx.cfg.data),
-        device=ctx.device,
-        train_dataset=ctx.data.train,
-    )
+    cache = teacher_output_cache(ctx, method, trainer)
     if applied or cache is not None:
         where = cache.stats().get("folder", "off") if cache is not None else "off"
         LOG.info("%s: speed options %s; teacher cache %s", stage, applied, where)
@@ -196,8 +201,6 @@ def fit_method(
         wrap=lambda d: wrap_train_dataset(d, cache),
         views=views,
     )
-    val_loader, _ = ctx.loader("val")
-    test_loader, _ = ctx.loader("test")
     optimizer = build_optimizer(optim, groups)
     scheduler = SCHEDULERS.build(
         sched,
@@ -210,7 +213,7 @@ def fit_method(
         optimizer,
         scheduler,
         train_loader,
-        val_loader,
+        ctx.loader("val")[0],
         config=trainer,
         device=ctx.device,
         ckpt_dir=ctx.ckpt_dir,
@@ -224,7 +227,19 @@ def fit_method(
     if cache is not None:
         cache.flush()
         LOG.info("%s: teacher cache %s", stage, cache.stats())
+    record = test_record(ctx, method, loop, best, trainer, reference)
+    if cache is not None:
+        record["teacher_cache"] = cache.stats()
+    return record
+
+
+def test_record(
+    ctx: RunContext, method: nn.Module, loop: Trainer, best: dict, trainer: TrainerConfig, reference
+) -> dict[str, Any]:
+    """Test metrics of the last weights, then of the best-on-val weights (left loaded in `method`),
+    with the selection record; the test row goes to the metric log."""
     distributed.barrier()  # rank 0's best checkpoint is on disk before any rank reads it
+    test_loader, _ = ctx.loader("test")
     test_last = evaluate(method, test_loader, ctx.device, trainer.precision, reference)
     if loop.path("best").exists():
         method.load_state_dict(load_checkpoint(loop.path("best"))["method"])
@@ -233,11 +248,9 @@ def fit_method(
     record["select"] = loop.select  # the validation metric that picked `best_epoch` (Optuna's objective)
     if method.eval_settings():
         record["eval_settings"] = method.eval_settings()
-    if cache is not None:
-        record["teacher_cache"] = cache.stats()
     ctx.logger.log(
         {
-            "stage": stage,
+            "stage": loop.stage,
             "epoch": trainer.epochs,
             "step": loop.step,
             **{f"test/{k}": v for k, v in test.items()},

@@ -28,6 +28,7 @@ from gendd_framework.engine import checkpoint as ckpt
 from gendd_framework.engine import distributed
 from gendd_framework.engine.loggers import MetricLogger, count_rows, truncate_jsonl
 from gendd_framework.engine.metrics import MetricAccumulator
+from gendd_framework.engine.step_losses import RunningSums, all_finite_list, first_non_finite
 from gendd_framework.errors import ConfigError, NonFiniteLossError
 from gendd_framework.schema import TrainerConfig
 
@@ -60,36 +61,6 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
-def all_finite(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    """One device-side bool for a losses dict: no host sync until someone reads it."""
-    device = losses["loss"].device
-    return torch.stack([torch.isfinite(v).all().to(device) for v in losses.values()]).all()
-
-
-def stack_scalars(losses: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The losses as one float vector when every entry is a scalar on one device, else None."""
-    values = list(losses.values())
-    if any(v.ndim != 0 for v in values) or len({v.device for v in values}) != 1:
-        return None
-    return torch.stack([v.float() for v in values])
-
-
-def all_finite_list(pending: list[dict[str, torch.Tensor]]) -> bool:
-    return all(bool(all_finite(losses)) for losses in pending)
-
-
-def first_non_finite(pending: list[dict[str, torch.Tensor]]) -> tuple[str, float]:
-    """(key, value) of the first non-finite entry over micro-batches, 'loss' before the terms."""
-    for losses in pending:
-        for key in sorted(losses, key=lambda k: k != "loss"):  # stable: dict order after 'loss'
-            flat = losses[key].float().flatten()
-            bad = flat[~torch.isfinite(flat)]
-            if bad.numel():
-                return key, float(bad[0])
-    raise AssertionError("first_non_finite called on finite losses")  # pragma: no cover
-
-
-@torch.no_grad()
 def evaluate(
     method,
     loader: DataLoader,
@@ -301,26 +272,13 @@ class Trainer:
         host sync (free on CPU; on GPU it waits for the backward before queuing the update, as
         GradScaler's own inf check does every fp16 step). A sync-free flag could only be read a step
         late, after the bad update."""
-        self.method.train()
-        if self.hooks["on_epoch_start"] is not None:
-            self.hooks["on_epoch_start"](self.epoch)
-        sampler = getattr(self.train_loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: this rank's shard of epoch's permutation
-            sampler.set_epoch(self.epoch)
-        dataset = getattr(self.train_loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):  # replayed augmentation views (engine/teacher_cache.py)
-            dataset.set_epoch(self.epoch)
-        if self.shuffle_generator is not None:  # depends only on (seed, epoch, rank): resume-safe
-            seed = distributed.rank_seed(self.shuffle_seed * 1_000_003 + self.epoch, self.dist.rank)
-            self.shuffle_generator.manual_seed(seed)
+        self.start_epoch()
         accum = max(1, self.cfg.accum_steps)
         steps_per_epoch = optimizer_steps_per_epoch(len(self.train_loader), accum)
-        running: dict[str, torch.Tensor] = {}
-        keys: list[str] | None = None  # running sums as one vector over these keys (see below)
-        vector: torch.Tensor | None = None
+        sums = RunningSums()
         pending: list[dict[str, torch.Tensor]] = []  # losses of the micro-batches since the last update
         finite: torch.Tensor | None = None
-        count, started = 0, time.perf_counter()
+        started = time.perf_counter()
         bar = tqdm(
             self.train_loader,
             desc=f"{self.stage} {self.epoch + 1}/{self.cfg.epochs}",
@@ -338,9 +296,7 @@ class Trainer:
                     with autocast_context(self.device, self.cfg.precision):
                         losses = self.runner(batch, ctx)
                     detached = {k: v.detach() for k, v in losses.items()}
-                    # one stacked vector per step for the finite check and the running sums
-                    values = stack_scalars(detached)
-                    ok = torch.isfinite(values).all() if values is not None else all_finite(detached)
+                    ok = sums.add(detached)
                     finite = ok if finite is None else finite & ok
                     pending.append(detached)
                     loss = losses["loss"] if accum == 1 else losses["loss"] / accum
@@ -350,21 +306,30 @@ class Trainer:
                         self.stop_non_finite(pending)
                     self.optimizer_step(total_steps, ctx)
                     pending, finite = [], None
-                if values is not None and keys in (None, list(detached)):
-                    keys = list(detached)  # the usual case: same scalar keys every step, one vector add
-                    vector = values if vector is None else vector + values
-                else:  # keys changed or non-scalar entries: per-key sums (on device, no host sync)
-                    for k, v in detached.items():
-                        running[k] = running.get(k, 0.0) + v.float()
-                count += 1
-                if not bar.disable and (count % self.cfg.log_every == 0 or i + 1 == len(self.train_loader)):
-                    loss_sum = vector[keys.index("loss")] if keys else running["loss"]
-                    bar.set_postfix(loss=f"{float(loss_sum) / count:.4f}")
-        if vector is not None:
-            for k, v in zip(keys, vector):
-                running[k] = running.get(k, 0.0) + v
-        elapsed = time.perf_counter() - started
-        totals, count = distributed.mean_over_ranks({k: float(v) for k, v in running.items()}, count)
+                if not bar.disable and (
+                    sums.count % self.cfg.log_every == 0 or i + 1 == len(self.train_loader)
+                ):
+                    bar.set_postfix(loss=f"{sums.mean('loss'):.4f}")
+        return self.epoch_record(sums, time.perf_counter() - started)
+
+    def start_epoch(self) -> None:
+        """Train mode, the method's epoch hook, and this epoch's sampler, replay and worker seeds."""
+        self.method.train()
+        if self.hooks["on_epoch_start"] is not None:
+            self.hooks["on_epoch_start"](self.epoch)
+        sampler = getattr(self.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: this rank's shard of epoch's permutation
+            sampler.set_epoch(self.epoch)
+        dataset = getattr(self.train_loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):  # replayed augmentation views (engine/teacher_cache.py)
+            dataset.set_epoch(self.epoch)
+        if self.shuffle_generator is not None:  # depends only on (seed, epoch, rank): resume-safe
+            seed = distributed.rank_seed(self.shuffle_seed * 1_000_003 + self.epoch, self.dist.rank)
+            self.shuffle_generator.manual_seed(seed)
+
+    def epoch_record(self, sums: RunningSums, elapsed: float) -> dict[str, Any]:
+        """The epoch's train record (loss means over every rank's steps), logged and returned."""
+        totals, count = distributed.mean_over_ranks(sums.totals(), sums.count)
         record = {
             "stage": self.stage,
             "epoch": self.epoch + 1,
