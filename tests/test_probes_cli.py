@@ -106,6 +106,22 @@ def test_vit_and_mlp_students_with_a_control(vit_run, mlp_run, cnn_run):
     assert set(mlp["skipped"]) == {"localization"} and "adversarial/fooling_rate" in mlp["metrics"]
 
 
+def test_a_teacher_free_method_is_probed_against_the_runs_teacher(tmp_path_factory, cache_dir):
+    """Mean teacher's `teacher` is its own EMA model (the predictor it deploys): the probes compare it
+    with the run's teacher stage, loaded from the weights its summary records, never with itself."""
+    import torch
+
+    from gendd_framework.analysis.probes.loading import load_subject
+
+    run_dir = train(tmp_path_factory, "mean_teacher", ["experiment=digits/transfer", "method=mean_teacher"])
+    subject = load_subject(run_dir, device="cpu")
+    source = json.loads((run_dir / "summary.json").read_text())["teacher"]["source"]
+    assert subject.describe["teacher"] == source
+    cached = torch.load(source.split(":", 1)[1], weights_only=True)
+    assert all(torch.equal(v, cached[k]) for k, v in subject.teacher.state_dict().items())
+    assert subject.student is not subject.teacher
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

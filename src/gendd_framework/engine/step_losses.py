@@ -35,7 +35,6 @@ def first_non_finite(pending: list[dict[str, torch.Tensor]]) -> tuple[str, float
     raise AssertionError("first_non_finite called on finite losses")  # pragma: no cover
 
 
-@torch.no_grad()
 class RunningSums:
     """Per-key sums of an epoch's step losses, kept on the device (no host sync per step): one stacked
     vector add in the usual case of the same scalar keys every step, per-key sums otherwise."""

@@ -61,6 +61,7 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtypes[precision])
 
 
+@torch.no_grad()
 def evaluate(
     method,
     loader: DataLoader,

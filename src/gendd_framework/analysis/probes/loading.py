@@ -85,8 +85,11 @@ def load_subject(
     evaluator = RunEvaluator(run_dir, stage, device)
     method = evaluator.build_method()
     student, how = predictor(method)
-    # a born-again generation's teacher is the previous student: probe against the run's teacher
-    if evaluator.teacher is not None and stage_kind(evaluator.cfg, stage) != "born_again":
+    # Probes compare with the run's `teacher` stage. The method's own teacher is that model unless the
+    # stage is a born-again generation (its teacher is the previous student) or the method is
+    # teacher-free (mean teacher's `teacher` is its own EMA model, the predictor it deploys).
+    own_teacher = stage_kind(evaluator.cfg, stage) != "born_again" and getattr(method, "needs_teacher", True)
+    if evaluator.teacher is not None and own_teacher:
         teacher, teacher_source = evaluator.teacher, f"checkpoint of stage '{stage}'"
     else:
         teacher, teacher_source = teacher_from_summary(
