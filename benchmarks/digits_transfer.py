@@ -5,12 +5,19 @@ distillation terms see every image; the teacher is the cached digits CNN trained
 (method, seed) is one `gendd-train` run in a scratch folder (two at a time, one thread each); runs whose
 summary exists are not retrained. Results: results/digits_transfer.{md,json,png}.
 
+After training, `--probes` (default on, off with --quick) runs `gendd-probe` on every run folder
+without a probe.json (docs/probes.md; the CNN and ViT runs with `control=` the CE run of the same
+seed and student) and adds the "Knowledge probes" table, results/digits_transfer_probes.png and the
+per-seed probe metrics of each method to the JSON.
+
 Every method runs with its config as shipped: published defaults, plus the `per_recipe.digits` entries
 that scale epoch-based settings of 240-epoch CIFAR recipes to the 60 digits epochs (DKD warm-up 20 -> 5,
 WKD-L decay from epoch 150 -> 37.5).
 
-    python benchmarks/digits_transfer.py             # 31 configurations x 3 seeds, ~30 min on 2 CPU cores
+    python benchmarks/digits_transfer.py             # 35 configurations x 3 seeds + probes: ~60 min on
+                                                     # 2 shared CPU cores (probes ~3 min of it)
     python benchmarks/digits_transfer.py --quick     # 1 seed, 2 epochs: a smoke test
+    python benchmarks/digits_transfer.py --quick --probes --methods ce kd cnn_ce cnn_kd   # + probes
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from _common import (
     train_env,
     write_outputs,
 )
+from _digits_probes import add_probes, probe_notes, probe_plot, probe_runs, probe_table
 
 TRANSFER = ["experiment=digits/transfer"]
 # (key, label, overrides, stage whose test metrics are reported)
@@ -57,6 +65,10 @@ METHODS: list[tuple[str, str, list[str], str]] = [
     ("born_again", "KD, born-again generation 2",
      [*TRANSFER, "method=kd", "stages=[teacher,distill,born_again]"], "born_again"),
     ("gendd", "GenDD", ["experiment=digits/gendd", "data.label_fraction=0.05"], "distill"),
+    ("ctkd", "CTKD (KD, learned temperature)", [*TRANSFER, "method=ctkd"], "distill"),
+    # teacher-free: the unlabelled images reach them only through consistency / mutual terms
+    ("mean_teacher", "Mean teacher (EMA model, no teacher)", [*TRANSFER, "method=mean_teacher"], "distill"),
+    ("dml", "DML (peer 1 of 2, no teacher)", [*TRANSFER, "method=dml"], "distill"),
 ]  # fmt: skip
 CNN = ["experiment=digits/transfer_cnn"]
 # the CNN-student preset (three stages of spatial maps): CE/KD references, then every feature method
@@ -79,6 +91,7 @@ FEATURE_METHODS: list[tuple[str, str, list[str], str]] = [
     ("cnn_ofa", "OFA (CNN student)", [*CNN, "method=ofa"], "distill"),
     ("cnn_nd_dkd", "ND + DKD", [*CNN, "method=nd_dkd"], "distill"),
     ("cnn_reviewkd_dkd", "ReviewKD + DKD", [*CNN, "method=reviewkd_dkd"], "distill"),
+    ("cnn_simkd", "SimKD (teacher classifier reused)", [*CNN, "method=simkd"], "distill"),
     ("vit_ce", "ViT student: CE", [*CNN, "student=digits_vit", "method=ce"], "distill"),
     ("vit_kd", "ViT student: KD", [*CNN, "student=digits_vit", "method=kd"], "distill"),
     ("vit_ofa", "ViT student: OFA", [*CNN, "student=digits_vit", "method=ofa"], "distill"),
@@ -89,7 +102,8 @@ METRICS = ("acc", "agree", "kl", "ece")
 
 
 def run_one(key: str, overrides: list[str], seed: int, run_dir: Path, extra: list[str]) -> float:
-    """Train one (method, seed) unless its summary exists; return wall seconds (0 when skipped)."""
+    """Train one (method, seed) unless its summary exists; return wall seconds (0 when skipped).
+    A failed run raises SystemExit naming its command (`train_all` records it and goes on)."""
     if (run_dir / "summary.json").exists():
         return 0.0
     cmd = [str(BIN / "gendd-train"), *overrides, f"seed={seed}", "trainer.progress=false", *extra]
@@ -102,6 +116,25 @@ def run_one(key: str, overrides: list[str], seed: int, run_dir: Path, extra: lis
         raise SystemExit(f"[{key} seed {seed}] gendd-train failed (rc={proc.returncode}): {' '.join(cmd)}")
     print(f"[{key} seed {seed}] {time.perf_counter() - start:.0f} s", flush=True)
     return time.perf_counter() - start
+
+
+def train_all(
+    jobs: list[tuple[str, list[str], int]], runs_root: Path, extra: list[str], workers: int
+) -> dict:
+    """Every (key, overrides, seed) job, `workers` at a time; {"key seed N": error} of the failed ones,
+    so one broken method leaves the others' results (its rows then show fewer runs)."""
+
+    def one(job: tuple[str, list[str], int]) -> tuple[str, str | None]:
+        key, overrides, seed = job
+        try:
+            run_one(key, overrides, seed, runs_root / key / f"seed{seed}", extra)
+        except SystemExit as exc:
+            print(exc, flush=True)
+            return f"{key} seed {seed}", str(exc)
+        return f"{key} seed {seed}", None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return {name: error for name, error in pool.map(one, jobs) if error is not None}
 
 
 def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], float]:
@@ -122,14 +155,18 @@ def summarise(runs_root: Path, seeds: list[int]) -> tuple[list[dict[str, Any]], 
             summary = json.loads(path.read_text())
             rec["seeds"].append(seed)
             rec.setdefault("elapsed_s", []).append(summary["elapsed_s"])
+            # a primary output outside OUTPUTS fills the `student` columns (mean teacher: its EMA model)
+            primary = (summary[stage].get("select") or "acc/student").split("/", 1)[1]
+            names = {} if primary in OUTPUTS else {"student": primary}
             for out in OUTPUTS:
                 for metric in METRICS:
-                    value = summary[stage]["test"].get(f"{metric}/{out}")
+                    value = summary[stage]["test"].get(f"{metric}/{names.get(out, out)}")
                     if value is not None:
                         rec.setdefault(f"{metric}/{out}", []).append(value)
             if key == "kd":
                 teacher = summary["teacher"]["test"]  # runs before the rename keyed it acc/student
                 teacher_acc = teacher.get("acc/teacher", teacher.get("acc/student"))
+        add_probes(rec, runs_root)
         records.append(rec)
     return records, teacher_acc
 
@@ -164,8 +201,15 @@ def table(records: list[dict[str, Any]], generative: bool) -> str:
 
 
 def render(
-    records: list[dict[str, Any]], teacher_acc: float, check: dict[str, Any], cnn_check: dict[str, Any]
+    records: list[dict[str, Any]],
+    teacher_acc: float,
+    check: dict[str, Any],
+    cnn_check: dict[str, Any],
+    failures: dict[str, dict[str, str]] | None = None,
 ) -> str:
+    """The markdown: logit methods (MLP), feature methods (CNN/ViT), knowledge probes when any run has
+    a probe.json; `failures` ({"train": ..., "probe": ...}) are listed under the tables."""
+    failures = failures or {}
     logit_keys = {m[0] for m in METHODS}
     logit = [r for r in records if r["key"] in logit_keys]
     feature = [r for r in records if r["key"] not in logit_keys and r["seeds"]]
@@ -180,6 +224,8 @@ def render(
         "MEAL V2 rows use a 3-member ensemble teacher (its members' accuracies are in each summary.json).",
         "Agreement and KL are measured against the run's own teacher: the ensemble for MEAL V2, the",
         "generation-1 student for born-again, the CNN teacher for every other row.",
+        "Mean teacher and DML use no teacher (it is only the agreement reference); the mean-teacher row",
+        "reports its EMA model (the method's primary output), the DML row peer 1 of 2.",
         "",
         f"- Teacher (small_cnn on all labels) test accuracy: {teacher_acc:.2f}%.",
         f"- Criterion (KD − CE > 2 × max std): KD − CE = {check['kd_minus_ce']:.2f} vs "
@@ -202,6 +248,12 @@ def render(
     if feature:
         out += "\n\n## Digits transfer set: feature methods (CNN student)\n\n" + table(feature, False)
         out += "\n\n" + "\n".join(feature_notes)
+    if any(r.get("probe_seeds") for r in records):
+        out += "\n\n## Digits transfer set: knowledge probes (every method, CE control first)\n\n"
+        out += probe_table(records) + "\n\n" + "\n".join(probe_notes(failures.get("probe", {}), records))
+    if failures.get("train"):
+        out += f"\n\nTraining runs that failed ({len(failures['train'])}), missing from the tables:\n"
+        out += "\n".join(f"- {name}: {error}" for name, error in failures["train"].items())
     return out
 
 
@@ -255,7 +307,14 @@ def main() -> None:
     parser.add_argument("--runs-dir", default=None, help="default: .cache/gendd/benchmarks/digits_transfer")
     parser.add_argument("--results-dir", default=None, help="tables/plots (default: benchmarks/results)")
     parser.add_argument("--methods", nargs="+", default=None, help="only these keys, e.g. ce kd dkd")
+    parser.add_argument(
+        "--probes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run gendd-probe on every run without a probe.json (default: on; off with --quick)",
+    )
     args = parser.parse_args()
+    probes = (not args.quick) if args.probes is None else args.probes
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     runs_root = (
         Path(args.runs_dir) if args.runs_dir else SCRATCH / ("digits_transfer" + ("_quick" * args.quick))
@@ -266,12 +325,13 @@ def main() -> None:
     jobs = [(key, overrides, seed) for seed in seeds for key, _, overrides, _ in chosen]
     start = time.perf_counter()
     run_one("kd", METHODS[1][2], seeds[0], runs_root / "kd" / f"seed{seeds[0]}", extra)  # caches the teacher
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        list(pool.map(lambda j: run_one(j[0], j[1], j[2], runs_root / j[0] / f"seed{j[2]}", extra), jobs))
+    failures = {"train": train_all(jobs, runs_root, extra, args.jobs)}
+    if probes:
+        failures["probe"] = probe_runs(runs_root, seeds, chosen, args.jobs)
     records, teacher_acc = summarise(runs_root, seeds)
     check = criterion(records)
     cnn_check = criterion(records, "cnn_kd", "cnn_ce")
-    markdown = render(records, teacher_acc, check, cnn_check)
+    markdown = render(records, teacher_acc, check, cnn_check, failures)
     out = results_dir(args.quick, args.results_dir)
     data = {
         "benchmark": "digits_transfer",
@@ -281,13 +341,16 @@ def main() -> None:
         "teacher_test_acc": teacher_acc,
         "criterion": check,
         "criterion_cnn_student": cnn_check,
-        "methods": records,
+        "methods": records,  # `probes`: {metric: per-seed values} of the `probe_seeds`
+        "failures": failures,
         "wall_s_this_invocation": round(time.perf_counter() - start, 1),
         "machine": machine_info(),
     }
     write_outputs(out, "digits_transfer", markdown, data)
     plot(records, teacher_acc, out / "digits_transfer.png")
     print(f"wrote {out / 'digits_transfer.png'}")
+    if probe_plot(records, out / "digits_transfer_probes.png"):
+        print(f"wrote {out / 'digits_transfer_probes.png'}")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,53 @@ def plot_groups(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_probes(
+    table: list[dict[str, Any]],
+    keys: list[str],
+    labels: dict[str, str],
+    path: Path,
+    controls: dict[str, list[str]] | None = None,
+    title: str = "Knowledge probes: mean ± std over runs",
+) -> Path:
+    """Small multiples: one panel per probe metric, a horizontal bar per group (mean ± std, `aggregate`
+    entries, top to bottom in table order). A probe value means something only next to the CE student's
+    (docs/probes.md), so each CE control group in `controls` (control -> the groups it controls) is
+    hatched, with a dashed line at its mean across the groups it controls. Returns `path`."""
+    plt = _pyplot()
+    controls = controls or {}
+    names = [str(entry["name"]) for entry in table]
+    index = {name: i for i, name in enumerate(names)}
+    height = 1.4 + 0.24 * len(names)
+    size = (2.2 + 2.6 * len(keys), height)
+    fig, axes = plt.subplots(1, len(keys), figsize=size, sharey=True, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        means = [entry[key][0] if key in entry else float("nan") for entry in table]
+        stds = [entry[key][1] if key in entry else 0.0 for entry in table]
+        colours = ["0.75" if name in controls else "tab:blue" for name in names]
+        bars = ax.barh(range(len(names)), means, 0.7, xerr=stds, capsize=2, color=colours, edgecolor="0.2")
+        for name, bar in zip(names, bars):
+            if name in controls:
+                bar.set_hatch("//")
+        ax.bar_label(bars, labels=[f"{m:.3g}" if m == m else "" for m in means], fontsize=6, padding=3)
+        for control, members in controls.items():
+            entry = table[index[control]]
+            rows = [index[m] for m in members if m in index]
+            if key in entry and rows:
+                low, high = min(rows) - 0.45, max(rows) + 0.45
+                ax.vlines(entry[key][0], low, high, colors="k", linestyles="--", lw=1)
+        finite = [m + s for m, s in zip(means, stds) if m == m]
+        ax.set_xlim(0, 1.18 * max(finite) if finite and max(finite) > 0 else 1)
+        ax.set_title(labels.get(key, key), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(range(len(names)), names)
+    axes[0][0].invert_yaxis()
+    note = "hatched: CE control (student without teacher), dashed: its mean" if controls else ""
+    fig.suptitle(title + (f"\n{note}" if note else ""), fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

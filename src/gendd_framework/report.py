@@ -11,7 +11,8 @@ last epoch, then every output's accuracy, agreement with and KL to the teacher, 
 the teacher's own accuracy. When a run's (recipe, method) has a published row (`published_recipes.yaml`),
 the published top-1, the difference, which split selected the epoch on each side and whether the run
 used the published settings follow. Failed jobs (`failed.json`) and jobs that never finished are listed
-under the table, so none goes unnoticed.
+under the table, so none goes unnoticed. Runs probed by `gendd-probe` (`probe.json`) add one headline
+column per probe (`report_probes.py`) and a small-multiple plot with the CE control marked.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 import yaml
 
 from gendd_framework import published
+from gendd_framework.report_probes import controls, headline_keys, is_probe, probed_counts, read_probe
 from gendd_framework.report_table import PRIMARY, csv_text, label, markdown, plot_metrics_of, split_key
 
 __all__ = ["aggregate", "collect", "csv_text", "default_metrics", "final_stage", "main", "markdown", "render"]
@@ -159,6 +161,7 @@ def collect(root: str | Path, jobs: list[Job] | None = None) -> list[dict[str, A
             "run_dir": str(job.run_dir),
             "overrides": job.overrides,
             "group": override_label(job.overrides, keys) or name,
+            "method": summary.get("method"),
         }
         for stage, record in summary.items():
             if isinstance(record, dict):
@@ -166,6 +169,7 @@ def collect(root: str | Path, jobs: list[Job] | None = None) -> list[dict[str, A
                     for metric, value in (record.get(split) or {}).items():
                         row[f"{stage}/{split}/{metric}"] = value
         primary_outputs(summary, row)
+        row.update(read_probe(job.run_dir))  # `probe:<probe>/<metric>`; none without probe.json
         row["match"] = published.for_run(job.run_dir, job.overrides, summary)
         rows.append(row)
     disambiguate(rows)
@@ -277,13 +281,14 @@ def stage_metrics(rows: list[dict[str, Any]], stage: str) -> list[str]:
 
 
 def default_metrics(rows: list[dict[str, Any]]) -> list[str]:
-    """The teacher's test accuracy, then `stage_metrics` of each run's final stage (usually one)."""
+    """The teacher's test accuracy, `stage_metrics` of each run's final stage (usually one), then the
+    headline probe metrics when some run has a probe.json."""
     teacher = outputs_of(rows, "teacher")
     keys = [f"teacher/test/acc/{output}" for output in teacher]
     finals = dict.fromkeys(s for s in (final_stage(r) for r in rows) if s is not None)
     for stage in finals:
         keys += stage_metrics(rows, stage)
-    return keys
+    return keys + headline_keys(rows)
 
 
 def labels_for(rows: list[dict[str, Any]], metrics: list[str]) -> dict[str, str]:
@@ -304,7 +309,9 @@ def annotate(table: list[dict[str, Any]], rows: list[dict[str, Any]], metrics: l
     for row in rows:
         groups[row.get("group") or row["name"]].append(row)
     primary_acc = next((m for m in metrics if m.endswith(f"/test/acc/{PRIMARY}")), None)
+    probed = probed_counts(rows)
     for entry in table:
+        entry["probed"] = probed.get(entry["name"], 0)
         members = groups[entry["name"]]
         names = {r.get(f"{final_stage(r)}/{PRIMARY}") for r in members} - {None}
         entry["primary"] = "/".join(sorted(names)) or None
@@ -317,10 +324,10 @@ def annotate(table: list[dict[str, Any]], rows: list[dict[str, Any]], metrics: l
 
 def text_columns(rows: list[dict[str, Any]], metrics: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(before, after) text columns: the primary output's name when a primary column is shown, the
-    published comparison when some run has a published row."""
+    published comparison when some run has a published row, the probed-run count with probe columns."""
     before = ("primary",) if any(m.endswith(f"/{PRIMARY}") for m in metrics) else ()
     after = ("published", "delta", "selection", "recipe_status") if any(r.get("match") for r in rows) else ()
-    return before, after
+    return before, after + (("probed",) if any(is_probe(m) for m in metrics) else ())
 
 
 def render(rows: list[dict[str, Any]], metrics: list[str], fmt: str = "markdown") -> str:
@@ -350,7 +357,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     parser.add_argument("--out", help="also write the table to this file (and the plot next to it)")
-    parser.add_argument("--plot", help="bar chart of the selected accuracy per group (default: <out>.png)")
+    parser.add_argument(
+        "--plot",
+        help="bar chart of the selected accuracy per group (default: <out>.png); with probe.json files "
+        "also <plot>_probes.png, one panel per probe",
+    )
     args = parser.parse_args(argv)
     jobs = scan(args.root)
     rows, notes = collect(args.root, jobs), problems(jobs)
@@ -380,3 +391,9 @@ def main(argv: list[str] | None = None) -> None:
 
         keys = plot_metrics_of(metrics)
         plot_groups(aggregate(rows, keys), keys, labels_for(rows, keys), Path(plot), first_column(rows))
+        probes = headline_keys(rows)
+        if probes:  # `<plot>_probes.png`: one panel per probe headline, the CE control hatched
+            from gendd_framework.plots import plot_probes
+
+            where = Path(plot).with_name(Path(plot).stem + "_probes.png")
+            plot_probes(aggregate(rows, probes), probes, labels_for(rows, probes), where, controls(rows))

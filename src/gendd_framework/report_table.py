@@ -11,6 +11,8 @@ import csv
 import io
 from typing import Any
 
+from gendd_framework.report_probes import is_probe, probe_decimals, probe_label
+
 METRIC_LABELS = {"acc": "acc", "agree": "agree", "kl": "KL", "ece": "ECE", "ce": "CE"}
 SPLIT_LABELS = {"test": "", "test_last": "last", "val": "val"}
 PRIMARY = "primary"  # the pseudo-output that aliases each run's selected output
@@ -21,6 +23,7 @@ TEXT_HEADERS = {
     "delta": "Δ vs published",
     "selection": "selection (ours / published)",
     "recipe_status": "recipe",
+    "probed": "probed runs",  # the n behind the probe columns (runs with a probe.json)
 }
 
 
@@ -32,7 +35,9 @@ def split_key(key: str) -> tuple[str, str, str, str] | None:
 
 def label(key: str, final_stages: set[str]) -> str:
     """`distill/test_last/acc/student` -> `last acc student`, `distill/test/acc/primary` ->
-    `acc (primary)`; the stage is named only when needed."""
+    `acc (primary)`; the stage is named only when needed. Probe columns get their short label."""
+    if is_probe(key):
+        return probe_label(key)
     parsed = split_key(key)
     if parsed is None:
         return key
@@ -49,7 +54,9 @@ def label(key: str, final_stages: set[str]) -> str:
 
 
 def decimals(key: str) -> int:
-    """KL and CE are small numbers in nats (3 decimals); percentages get 2."""
+    """KL and CE are small numbers in nats (3 decimals); percentages get 2; probes say their own."""
+    if is_probe(key):
+        return probe_decimals(key)
     parsed = split_key(key)
     return 3 if parsed and parsed[2] in ("kl", "ce") else 2
 
