@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import BIN, fmt_ms, md_table, mean_std, train_env
-from gendd_framework.report_probes import HEADLINE, PROBE_FILE, read_probe
+from gendd_framework.analysis.report_probes import HEADLINE, PROBE_FILE, read_probe
 
 FAMILIES = ("MLP", "CNN", "ViT")
 # the family's CE control: the same preset, student and seed without the teacher
@@ -212,9 +212,9 @@ def probe_notes(failures: dict[str, str], records: list[dict[str, Any]]) -> list
 
 
 def probe_plot(records: list[dict[str, Any]], path: Path) -> Path | None:
-    """Small multiples (gendd_framework.plots.plot_probes): a panel per headline, a bar per method,
+    """Small multiples (gendd_framework.analysis.plots.plot_probes): a panel per headline, a bar per method,
     each family's CE hatched with a dashed line at its mean across its family."""
-    from gendd_framework.plots import plot_probes
+    from gendd_framework.analysis.plots import plot_probes
 
     entries, controls = [], {}
     for fam, rec in ordered(records):

@@ -32,7 +32,7 @@ from _common import (
     train_env,
     write_outputs,
 )
-from gendd_framework.report import collect
+from gendd_framework.analysis.report import collect
 
 # (experiment, label shown in the table); order = table/plot order.
 METHODS = [

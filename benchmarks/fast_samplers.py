@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from _common import SCRATCH, fmt_ms, machine_info, md_table, mean_std, results_dir, write_outputs
+from gendd_framework.analysis.report import collect
 from gendd_framework.cli.evaluate import RunEvaluator
-from gendd_framework.report import collect
 
 REFERENCE = "DDPM 100"
 TOLERANCE = 0.5  # accuracy points

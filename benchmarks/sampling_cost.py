@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 from _common import SCRATCH, machine_info, md_table, results_dir, write_outputs
+from gendd_framework.analysis.report import collect
 from gendd_framework.cli.evaluate import RunEvaluator
-from gendd_framework.report import collect
 
 REFERENCE = ("ddpm", 100, 2.0, 1)  # sampler, steps, guidance, num_sampling: the training-time eval setting
 TOLERANCE = 0.5  # accuracy points

@@ -24,9 +24,9 @@ from omegaconf import OmegaConf
 import gendd_framework
 import gendd_framework.components  # noqa: F401  (every built-in registration)
 from gendd_framework import schema
+from gendd_framework.analysis.published import same
 from gendd_framework.cli import config_dir
 from gendd_framework.methods.compose import ComposedMethod, Pick, Use, term_parameters
-from gendd_framework.published import same
 from gendd_framework.registry import ALL, LOSSES, METHODS
 
 CONF = config_dir()

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from gendd_framework import config as config_lib
-from gendd_framework import published
+from gendd_framework.analysis import published
 from gendd_framework.data.base import DataSplits, carve
 from gendd_framework.data.digits import digits
 

@@ -46,7 +46,7 @@ def test_wheel_ships_every_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "gendd_framework/conf/train.yaml" in names
     assert "gendd_framework/conf/method/dkd.yaml" in names
-    assert "gendd_framework/published_recipes.yaml" in names  # gendd-report reads it at run time
+    assert "gendd_framework/analysis/published_recipes.yaml" in names  # gendd-report reads it at run time
     expected = {
         f"gendd_framework/conf/{p.relative_to(ROOT / 'conf').as_posix()}"
         for p in (ROOT / "conf").rglob("*.yaml")

@@ -1,4 +1,4 @@
-"""The audited recipe table (src/gendd_framework/published_recipes.yaml) against what a run resolves.
+"""The audited recipe table (src/gendd_framework/analysis/published_recipes.yaml) against what a run resolves.
 
 For every row, `experiment=<recipe> method=<method>` is composed and merged with the method's
 `per_recipe` entry exactly as a run does, and every official value must resolve unchanged, except the
@@ -15,7 +15,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from gendd_framework import config as config_lib
-from gendd_framework import published
+from gendd_framework.analysis import published
 from gendd_framework.cli import config_dir
 
 ROWS = published.load()
@@ -168,6 +168,6 @@ def test_a_wrong_value_is_caught(hydra_context):
 
 
 def test_docs_recipes_page_embeds_the_current_table():
-    """docs/recipes.md is regenerated with `python -m gendd_framework.published docs/recipes.md`."""
+    """docs/recipes.md is regenerated with `python -m gendd_framework.analysis.published docs/recipes.md`."""
     doc = (ROOT / "docs" / "recipes.md").read_text()
     assert published.embed(doc, published.render_markdown()) == doc

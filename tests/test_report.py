@@ -10,7 +10,15 @@ import statistics
 
 import pytest
 
-from gendd_framework.report import aggregate, collect, default_metrics, final_stage, main, markdown, render
+from gendd_framework.analysis.report import (
+    aggregate,
+    collect,
+    default_metrics,
+    final_stage,
+    main,
+    markdown,
+    render,
+)
 
 SEEDS = (0, 1, 2)
 
@@ -227,7 +235,7 @@ def fake_job(
 
 
 def test_groups_are_the_overrides_that_differ(tmp_path, capsys):
-    from gendd_framework.report import scan
+    from gendd_framework.analysis.report import scan
 
     common = ["method=kd", "trainer.epochs=1", "trainer.progress=false"]
     num = 0
@@ -351,6 +359,6 @@ def test_runs_without_select_fall_back_to_the_student_output(tmp_path):
 
 
 def test_plot_shows_the_primary_accuracy(runs, tmp_path):
-    from gendd_framework.report_table import plot_metrics_of
+    from gendd_framework.analysis.report_table import plot_metrics_of
 
     assert plot_metrics_of(default_metrics(collect(runs))) == ["distill/test/acc/primary"]

@@ -12,9 +12,9 @@ import json
 import pytest
 import yaml
 
-from gendd_framework import plots
-from gendd_framework.report import collect, default_metrics, main
-from gendd_framework.report_probes import controls, read_probe
+from gendd_framework.analysis import plots
+from gendd_framework.analysis.report import collect, default_metrics, main
+from gendd_framework.analysis.report_probes import controls, read_probe
 
 SEEDS = (0, 1, 2)
 CNN = ["experiment=digits/transfer_cnn"]

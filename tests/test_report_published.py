@@ -13,8 +13,8 @@ import yaml
 from omegaconf import OmegaConf
 
 from gendd_framework import config as config_lib
-from gendd_framework import published
-from gendd_framework.report import collect, default_metrics, main, render
+from gendd_framework.analysis import published
+from gendd_framework.analysis.report import collect, default_metrics, main, render
 
 SEEDS = (0, 1, 2)
 # group -> (experiment, method preset, extra overrides, primary output, accuracy of seed s)

@@ -242,7 +242,7 @@ def test_a_killed_sweep_relaunched_with_the_same_command_finishes_every_job(tmp_
         assert [r["epoch"] for r in records if r["stage"] == "distill" and "train/loss" in r] == [
             *range(1, epochs + 1)
         ]
-    from gendd_framework.report import collect, scan
+    from gendd_framework.analysis.report import collect, scan
 
     assert [j.status for j in scan(sweep)] == ["finished", "finished"] and len(collect(sweep)) == 2
 

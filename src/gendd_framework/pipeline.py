@@ -203,7 +203,7 @@ def finish_run(ctx: RunContext, summary: dict[str, Any], main: bool) -> dict[str
         atomic_save(predictor.state_dict(), run_dir / "student.pt")
     (run_dir / "failed.json").unlink(missing_ok=True)  # an earlier failure of this run dir is resolved
     write_summary(run_dir, summary)
-    from gendd_framework.plots import plot_metrics
+    from gendd_framework.analysis.plots import plot_metrics
 
     plot_metrics(run_dir / "metrics.jsonl", run_dir / "plots")
     return summary

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from gendd_framework.plots import _pyplot
+from gendd_framework.analysis.plots import _pyplot
 
 
 def reliability_png(details: dict[str, Any], path: Path) -> Path:

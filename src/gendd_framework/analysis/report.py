@@ -29,9 +29,22 @@ from typing import Any
 
 import yaml
 
-from gendd_framework import published
-from gendd_framework.report_probes import controls, headline_keys, is_probe, probed_counts, read_probe
-from gendd_framework.report_table import PRIMARY, csv_text, label, markdown, plot_metrics_of, split_key
+from gendd_framework.analysis import published
+from gendd_framework.analysis.report_probes import (
+    controls,
+    headline_keys,
+    is_probe,
+    probed_counts,
+    read_probe,
+)
+from gendd_framework.analysis.report_table import (
+    PRIMARY,
+    csv_text,
+    label,
+    markdown,
+    plot_metrics_of,
+    split_key,
+)
 
 __all__ = ["aggregate", "collect", "csv_text", "default_metrics", "final_stage", "main", "markdown", "render"]
 SPLITS = ("val", "test", "test_last")
@@ -387,13 +400,13 @@ def main(argv: list[str] | None = None) -> None:
     if plot and args.out and Path(plot) == Path(args.out):  # `--out table.png`: keep the table
         plot = Path(args.out).with_name(Path(args.out).stem + "_plot.png")
     if plot:
-        from gendd_framework.plots import plot_groups
+        from gendd_framework.analysis.plots import plot_groups
 
         keys = plot_metrics_of(metrics)
         plot_groups(aggregate(rows, keys), keys, labels_for(rows, keys), Path(plot), first_column(rows))
         probes = headline_keys(rows)
         if probes:  # `<plot>_probes.png`: one panel per probe headline, the CE control hatched
-            from gendd_framework.plots import plot_probes
+            from gendd_framework.analysis.plots import plot_probes
 
             where = Path(plot).with_name(Path(plot).stem + "_probes.png")
             plot_probes(aggregate(rows, probes), probes, labels_for(rows, probes), where, controls(rows))

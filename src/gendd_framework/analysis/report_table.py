@@ -11,7 +11,7 @@ import csv
 import io
 from typing import Any
 
-from gendd_framework.report_probes import is_probe, probe_decimals, probe_label
+from gendd_framework.analysis.report_probes import is_probe, probe_decimals, probe_label
 
 METRIC_LABELS = {"acc": "acc", "agree": "agree", "kl": "KL", "ece": "ECE", "ce": "CE"}
 SPLIT_LABELS = {"test": "", "test_last": "last", "val": "val"}

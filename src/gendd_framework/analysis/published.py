@@ -314,7 +314,7 @@ def embed(doc: str, table: str) -> str:
     return f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
 
 
-if __name__ == "__main__":  # python -m gendd_framework.published docs/recipes.md: refresh the table there
+if __name__ == "__main__":  # python -m gendd_framework.analysis.published docs/recipes.md
     import sys
 
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else None
