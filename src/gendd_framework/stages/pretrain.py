@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from gendd_framework import config as config_lib
 from gendd_framework.engine.checkpoint import load as load_checkpoint
 from gendd_framework.errors import ConfigError
@@ -18,12 +20,17 @@ if TYPE_CHECKING:
 MISSING = "stage 'pretrain' needs a `pretrain:` config and a `teacher` stage before it"
 
 
+def pretrain_method(student: nn.Module, teacher: nn.Module) -> nn.Module:
+    """The student trained through the frozen teacher head (GenDD's stage 1)."""
+    return METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=teacher)
+
+
 def check_pretrain(check: StagePreflight, **_: Any) -> None:
     """The `teacher_head_ce` method, optimizer and schedule the stage will train with."""
     pcfg, teacher = check.cfg.get("pretrain"), check.models.get("teacher")
     if pcfg is None or teacher is None:
         raise ConfigError(MISSING)
-    head = METHODS.build({"name": "teacher_head_ce"}, student=check.fresh_student(), teacher=teacher)
+    head = pretrain_method(check.fresh_student(), teacher)
     check.training(head, name="teacher_head_ce", optim=pcfg.optim, sched=pcfg.sched, epochs=int(pcfg.epochs))
     check.models["student"] = head.student_model
 
@@ -38,7 +45,7 @@ def pretrain_stage(ctx: RunContext) -> dict[str, Any]:
         raise ConfigError(MISSING)
     student = build_model(ctx.cfg.student, num_classes=ctx.data.num_classes)
     trainable = {name for name, p in student.named_parameters() if p.requires_grad}
-    method = METHODS.build({"name": "teacher_head_ce"}, student=student, teacher=ctx.models["teacher"])
+    method = pretrain_method(student, ctx.models["teacher"])
     trainer = config_lib.trainer_config(ctx.cfg.trainer, epochs=int(pcfg.epochs), select=None)
     record = fit_method(
         ctx, method, "pretrain", optim=pcfg.optim, sched=pcfg.sched, trainer=trainer, seed=int(ctx.cfg.seed)

@@ -41,6 +41,11 @@ TEACHER_EVAL_EVERY = 1  # teachers select their best epoch on every epoch's vali
 TEACHER_RECIPE_VERSION = 3
 
 
+def ce_method(model: nn.Module) -> nn.Module:
+    """The plain CE method a teacher trains with, and the wrapper its test metrics are read through."""
+    return METHODS.build({"name": "ce"}, student=model)
+
+
 def teacher_cache_key(ctx: RunContext, node: DictConfig | dict | None = None) -> str:
     """Hash of everything that determines a trained teacher: data (with its transform settings), model
     and training recipe, and the loop settings that change the arithmetic; nothing else."""
@@ -88,7 +93,7 @@ def single_teacher(ctx: RunContext, node: dict, stage: str = "teacher") -> tuple
         )
     train = node["train"]
     seed_everything(int(train["seed"]))
-    method = METHODS.build({"name": "ce"}, student=model)
+    method = ce_method(model)
     # the run's `select` names the distill method's outputs, not the CE teacher's
     # the teacher's recipe alone decides it: best-on-val checked every epoch, whatever the student's
     # trainer.eval_every (a GenDD preset validating every 5 epochs must not pick another teacher)
@@ -150,7 +155,7 @@ def teacher_architecture(tcfg: Any, num_classes: int) -> nn.Module:
 
 def evaluate_teacher(ctx: RunContext, model: nn.Module) -> dict[str, Any]:
     """Val/test metrics of a teacher, keyed `acc/teacher`, `ece/teacher`, ... (never read as a student's)."""
-    method = METHODS.build({"name": "ce"}, student=model)
+    method = ce_method(model)
     record = {}
     for split in ("val", "test"):
         loader, _ = ctx.loader(split)
@@ -183,7 +188,7 @@ def check_teacher(check: StagePreflight, **_: Any) -> None:
         if not (trains and node) or (members[i] if members else tcfg).get("weights"):
             continue  # loaded from a file (or from an earlier run): nothing trains
         check.training(
-            METHODS.build({"name": "ce"}, student=member),
+            ce_method(member),
             stage=f"teacher_{i}" if members else "teacher",
             name="ce",
             optim=node["optim"],
