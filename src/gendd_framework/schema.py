@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +170,6 @@ class SpeedConfig:
             )
         node["compile"] = CompileOptions.from_mapping(node.get("compile"))
         return cls(**node)
-
-    def with_(self, **changes: Any) -> SpeedConfig:
-        return replace(self, **changes)
 
 
 KEYS_COMPILE = tuple(f.name for f in fields(CompileOptions))

@@ -11,8 +11,6 @@ the predictor the run's method exports (the same module `teacher=from_run` uses)
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -253,13 +251,6 @@ def run_eval(argv: list[str]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """`gendd-eval run_dir=RUN [split=..] [stage=..] [device=..] [method.KEY=VALUE ...]`."""
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from gendd_framework.cli.json_command import json_command
 
-    try:
-        result = run_eval(sys.argv[1:] if argv is None else list(argv))
-    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"gendd-eval: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps(result, indent=2))
+    json_command("gendd-eval", run_eval, argv)

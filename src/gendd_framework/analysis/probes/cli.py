@@ -6,8 +6,6 @@ probes run on the test split and write `probe.json` beside `summary.json` and `p
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,16 +98,9 @@ def run_cli(argv: list[str]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from gendd_framework.cli.json_command import json_command
 
-    try:
-        results = run_cli(sys.argv[1:] if argv is None else list(argv))
-    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
-        message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"gendd-probe: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps(results, indent=2))
+    json_command("gendd-probe", run_cli, argv)
 
 
 if __name__ == "__main__":
