@@ -112,6 +112,9 @@ def test_mean_teacher_runs_without_a_teacher_and_exports_the_ema(compose, tmp_pa
     exported = torch.load(tmp_path / "student.pt", weights_only=True)
     assert all(torch.equal(v, best[f"teacher.model.{k}"]) for k, v in exported.items())  # the EMA
     assert run_eval([f"run_dir={tmp_path}", "export=true", "device=cpu"])["acc/export"] == test["acc/ema"]
+    # re-evaluated, the EMA model is not its own reference: no agreement with itself (was 100%)
+    again = run_eval([f"run_dir={tmp_path}", "device=cpu"])
+    assert again["acc/ema"] == test["acc/ema"] and not any(k.startswith("agree/") for k in again)
 
 
 def test_a_teacher_stage_is_only_the_evaluation_reference_of_a_teacher_free_method(compose, tmp_path):

@@ -84,7 +84,10 @@ class RunEvaluator:
             cfg.method = merge_method(self.cfg.method, method_overrides or {})  # replaced, not merged
         method = rebuild_stage_method(cfg, self.stage, data_facts(self.data))
         method.load_state_dict(self.state)
-        self.teacher = method.teacher.model if getattr(method, "teacher", None) is not None else None
+        # the evaluation reference is the teacher the stage gave the method; a teacher-free method's
+        # own `teacher` (mean teacher's EMA model) is not one, and its checkpoint holds no other
+        own = getattr(method, "teacher", None) is not None and getattr(method, "needs_teacher", True)
+        self.teacher = method.teacher.model if own else None
         return method.to(self.device)
 
     def build_export(self):

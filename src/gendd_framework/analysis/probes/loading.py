@@ -85,11 +85,9 @@ def load_subject(
     evaluator = RunEvaluator(run_dir, stage, device)
     method = evaluator.build_method()
     student, how = predictor(method)
-    # Probes compare with the run's `teacher` stage. The method's own teacher is that model unless the
-    # stage is a born-again generation (its teacher is the previous student) or the method is
-    # teacher-free (mean teacher's `teacher` is its own EMA model, the predictor it deploys).
-    own_teacher = stage_kind(evaluator.cfg, stage) != "born_again" and getattr(method, "needs_teacher", True)
-    if evaluator.teacher is not None and own_teacher:
+    # Probes compare with the run's `teacher` stage: the stage's evaluation reference, unless the stage
+    # is a born-again generation (its teacher is the previous student) or had none (teacher-free).
+    if evaluator.teacher is not None and stage_kind(evaluator.cfg, stage) != "born_again":
         teacher, teacher_source = evaluator.teacher, f"checkpoint of stage '{stage}'"
     else:
         teacher, teacher_source = teacher_from_summary(
